@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Set up ctxvec in ./.venv (idempotent). `scripts/setup.sh test` adds the test dependencies.
+# torch is installed first and pinned: any unpinned install would fetch a multi-GB CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3.11}
+command -v "$PY" >/dev/null || PY=python3
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
+pip install "torch==2.13.0"
+if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+.venv/bin/python -c "import torch, ctxvec; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -1,0 +1,28 @@
+"""ctxvec: raw words -> context-packed vectors with a Transformer encoder, one named step each.
+
+tokenizer -> embedding (one-hot, token embedding, positions) -> attention -> layer
+(Add & Norm, feed-forward) -> encoder (stack).
+"""
+
+from ctxvec.attention import AttentionOutput, MultiHeadSelfAttention, attention
+from ctxvec.config import EncoderConfig
+from ctxvec.embedding import (
+    Embeddings,
+    LearnedPositionalEncoding,
+    SinusoidalPositionalEncoding,
+    TokenEmbedding,
+    one_hot,
+    sinusoid_table,
+)
+from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack
+from ctxvec.layer import EncoderLayer, FeedForward
+from ctxvec.tokenizer import BatchEncoding, Tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AttentionOutput", "BatchEncoding", "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer",
+    "EncoderOutput", "EncoderStack", "FeedForward", "LearnedPositionalEncoding",
+    "MultiHeadSelfAttention", "SinusoidalPositionalEncoding", "TokenEmbedding", "Tokenizer",
+    "attention", "one_hot", "sinusoid_table",
+]

@@ -1,0 +1,3 @@
+from ctxvec.cli import main
+
+main(prog_name="ctxvec")

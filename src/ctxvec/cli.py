@@ -1,0 +1,112 @@
+"""The ``ctxvec`` command line (click). Prints for people; the library itself only logs."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+import numpy as np
+
+OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctxvec")
+def main() -> None:
+    """ctxvec: raw words -> context vectors, with a Transformer encoder built step by step."""
+
+
+def _compact(vector: np.ndarray, n: int = 4) -> str:
+    return "[" + ", ".join(f"{v:+.3f}" for v in vector[:n]) + (", ...]" if len(vector) > n else "]")
+
+
+@main.command()
+@click.argument("texts", nargs=-1, required=True)
+@click.option("--model", "-m", default="seed", show_default=True,
+              help="Model name (see `ctxvec models`).")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write every vector: .npy (one text), .npz (one array per text) or .json.")
+@click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
+def encode(texts: tuple[str, ...], model: str, output: Path | None, strict: bool) -> None:
+    """Print each token of TEXTS with a compact view of its context vector.
+
+    Example: ctxvec encode "my name is aj"
+    """
+    from ctxvec.models import load
+    from ctxvec.tokenizer import TruncationError
+
+    if output is not None and output.suffix not in OUTPUT_SUFFIXES:
+        raise click.BadParameter(f"use one of {', '.join(OUTPUT_SUFFIXES)}", param_hint="--output")
+    if output is not None and output.suffix == ".npy" and len(texts) > 1:
+        raise click.BadParameter(".npy holds one text's vectors; use .npz or .json for several",
+                                 param_hint="--output")
+    try:
+        pipeline = load(model)
+        results = pipeline.encode(list(texts), strict=strict)
+    except (ValueError, TruncationError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"model: {pipeline.name}: {pipeline.description}")
+    for i, result in enumerate(results):
+        note = (f", TRUNCATED to {len(result.tokens)} of {result.n_tokens_full} tokens"
+                if result.truncated else "")
+        click.echo(f"\ntext {i}: {result.text!r} -> {len(result.tokens)} tokens "
+                   f"({sum(result.special)} special){note}")
+        click.echo(f"  {'#':>3}  {'token':<16} {'id':>6}  {'norm':>7}  first values")
+        for j, (token, token_id, special) in enumerate(zip(result.tokens, result.ids, result.special)):
+            label = f"{token} (special)" if special else token
+            vec = result.vectors[j]
+            click.echo(f"  {j:>3}  {label:<16} {token_id:>6}  {np.linalg.norm(vec):7.3f}  {_compact(vec)}")
+        click.echo(f"  each vector: {result.vectors.shape[1]} values")
+    if output is not None:
+        _write_vectors(output, results, pipeline.name)
+        click.echo(f"\nwrote {output}")
+
+
+def _write_vectors(path: Path, results: list, model: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.suffix == ".npy":
+        np.save(path, results[0].vectors)
+    elif path.suffix == ".npz":
+        np.savez(path, **{f"text_{i}": r.vectors for i, r in enumerate(results)})
+    else:
+        payload = {"model": model, "texts": [
+            {"text": r.text, "tokens": r.tokens, "ids": r.ids, "special": r.special,
+             "truncated": r.truncated, "n_tokens_full": r.n_tokens_full,
+             "vectors": r.vectors.tolist()} for r in results]}
+        path.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+
+
+@main.command()
+def models() -> None:
+    """List the models that --model accepts by name."""
+    from ctxvec.models import KNOWN_MODELS
+
+    for name, description in KNOWN_MODELS.items():
+        click.echo(f"{name}: {description}")
+
+
+@main.command("train-tokenizer")
+@click.argument("corpus", nargs=-1, required=True,
+                type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(path_type=Path),
+              help="Folder (or .json file) to write tokenizer.json to.")
+@click.option("--vocab-size", default=8000, show_default=True, type=click.IntRange(min=16))
+@click.option("--min-frequency", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--cased", is_flag=True, help="Keep upper case (default: lower-case, like uncased BERT).")
+def train_tokenizer(corpus: tuple[Path, ...], output: Path, vocab_size: int, min_frequency: int,
+                    cased: bool) -> None:
+    """Train a WordPiece tokenizer on CORPUS text files (one or more)."""
+    from ctxvec.tokenizer import Tokenizer
+
+    tokenizer = Tokenizer.train(list(corpus), vocab_size=vocab_size, min_frequency=min_frequency,
+                                lowercase=not cased)
+    if output.suffix != ".json":
+        output.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(output)
+    click.echo(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens -> {output}")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,122 @@
+"""The encoder's configuration: one typed dataclass whose defaults are the seed's design."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+Activation = Literal["relu", "gelu"]
+Position = Literal["sinusoidal", "learned"]
+
+ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
+POSITIONS: tuple[str, ...] = ("sinusoidal", "learned")
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Hyperparameters of a Transformer encoder.
+
+    The defaults are the seed's assembly line: 512-wide embeddings, sinusoidal positions,
+    8 heads x 64, a 512 -> 1024 -> 512 ReLU feed-forward, post-norm (Add & Norm after each
+    sub-layer), 12 layers.
+
+    The BERT family (issue "real pretrained weights") needs the variant fields marked below;
+    they default to the seed's choice.
+    """
+
+    vocab_size: int = 8000
+    pad_id: int = 0
+    d_model: int = 512
+    n_heads: int = 8
+    d_ff: int = 1024
+    n_layers: int = 12
+    dropout: float = 0.1  # on attention probabilities, after each sub-layer, inside the FFN
+    activation: Activation = "relu"
+    norm_first: bool = False  # False: LayerNorm(x + sublayer(x)) as in the seed; True: pre-norm
+    position: Position = "sinusoidal"
+    layer_norm_eps: float = 1e-5
+    max_len: int = 512  # longest sequence the position table covers, special tokens included
+    # Vaswani et al. multiply the token embedding by sqrt(d_model) before adding positions;
+    # BERT does not.
+    scale_embeddings: bool = True
+    # A LayerNorm after the last layer. None: present exactly when norm_first (pre-norm needs
+    # it; PyTorch's nn.TransformerEncoder makes it optional, so from_torch sets it).
+    final_norm: bool | None = None
+    # BERT family: segment embeddings (0 = none) and a LayerNorm on the summed embeddings.
+    type_vocab_size: int = 0
+    embedding_norm: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, sentence: str) -> None:
+            if not ok:
+                raise ValueError(f"Invalid EncoderConfig: {sentence}")
+
+        for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
+            value = getattr(self, name)
+            need(
+                isinstance(value, int) and not isinstance(value, bool) and value > 0,
+                f"{name} must be a positive integer, got {value!r}.",
+            )
+        need(
+            self.d_model % self.n_heads == 0,
+            f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) so that "
+            "every head gets the same width.",
+        )
+        need(
+            isinstance(self.pad_id, int) and 0 <= self.pad_id < self.vocab_size,
+            f"pad_id ({self.pad_id!r}) must be a token id in [0, vocab_size={self.vocab_size}).",
+        )
+        need(
+            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
+            f"dropout must be in [0, 1), got {self.dropout!r}.",
+        )
+        need(
+            self.activation in ACTIVATIONS,
+            f"activation must be one of {ACTIVATIONS}, got {self.activation!r}.",
+        )
+        need(
+            self.position in POSITIONS,
+            f"position must be one of {POSITIONS}, got {self.position!r}.",
+        )
+        need(
+            isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
+            f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}.",
+        )
+        need(
+            isinstance(self.type_vocab_size, int) and self.type_vocab_size >= 0,
+            f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.",
+        )
+
+    @property
+    def d_head(self) -> int:
+        """Width of one attention head (64 in the seed)."""
+        return self.d_model // self.n_heads
+
+    @property
+    def has_final_norm(self) -> bool:
+        return self.norm_first if self.final_norm is None else self.final_norm
+
+    def replace(self, **changes: Any) -> EncoderConfig:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Invalid EncoderConfig: unknown field(s) {', '.join(unknown)}.")
+        return cls(**values)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> EncoderConfig:
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))

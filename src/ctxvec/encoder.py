@@ -1,0 +1,211 @@
+"""Step 8 of the assembly line: stack the layers; ``Encoder`` = embeddings + positions + stack.
+
+Public mask convention, everywhere: ``attention_mask`` of shape (B, T), 1/True = real token,
+0/False = padding. It is checked and converted once, here, into the boolean "may attend"
+key mask that every layer shares.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctxvec.config import EncoderConfig
+from ctxvec.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
+from ctxvec.layer import EncoderLayer
+
+
+@dataclass
+class EncoderOutput:
+    """What the encoder returns.
+
+    Attributes:
+        last_hidden_state: (B, T, D) one context vector per token. Vectors at padding positions
+            are finite but meaningless; use ``attention_mask`` to ignore them.
+        hidden_states: with ``output_hidden_states``: the layer stack's input followed by each
+            layer's output, n_layers + 1 tensors of (B, T, D).
+        attentions: with ``output_attentions``: each layer's attention probabilities,
+            n_layers tensors of (B, H, T, T); every row sums to 1 over the real tokens.
+    """
+
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None = None
+    attentions: tuple[torch.Tensor, ...] | None = None
+
+
+def _is_integer(t: torch.Tensor) -> bool:
+    return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+
+
+def check_attention_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int],
+                         device: torch.device) -> torch.Tensor:
+    """Validate the public (B, T) mask and return it as bool (True = real token)."""
+    if attention_mask is None:
+        return torch.ones(shape, dtype=torch.bool, device=device)
+    if not isinstance(attention_mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}.")
+    if attention_mask.dtype != torch.bool and not _is_integer(attention_mask):
+        raise TypeError(
+            f"attention_mask must be bool or integer with 1/True for real tokens and 0/False for "
+            f"padding; got dtype {attention_mask.dtype}. (A float mask is refused rather than "
+            "guessed: additive masks use the opposite convention.)")
+    if tuple(attention_mask.shape) != tuple(shape):
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input has "
+                         f"(batch, seq_len) = {tuple(shape)}; they must match (batch-first).")
+    if attention_mask.device != device:
+        raise ValueError(f"attention_mask is on {attention_mask.device} but the input is on {device}.")
+    if attention_mask.dtype != torch.bool:
+        if attention_mask.numel() and ((attention_mask != 0) & (attention_mask != 1)).any():
+            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
+            raise ValueError(f"attention_mask must contain only 0 and 1, found {bad}.")
+        attention_mask = attention_mask.bool()
+    return attention_mask
+
+
+def key_mask_from(attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """(B, T) bool real-token mask -> (B, 1, 1, T) "may attend" mask shared by all layers.
+
+    None when nothing is padded (the fused kernel is fastest without a mask). A row with no
+    real token at all may attend to every position, so it stays finite (elsewhere it gives NaN
+    that spreads into the gradients); its outputs are meaningless and masked out downstream.
+    """
+    if bool(attention_mask.all()):
+        return None
+    empty_rows = ~attention_mask.any(dim=1, keepdim=True)  # (B, 1)
+    return (attention_mask | empty_rows)[:, None, None, :]  # (B, 1, 1, T)
+
+
+def init_weights(module: nn.Module) -> None:
+    """One initialisation for every module (BERT's N(0, 0.02) for weight matrices)."""
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+    elif isinstance(module, (TokenEmbedding, LearnedPositionalEncoding)):
+        module.reset_parameters()
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)
+
+
+class EncoderStack(nn.Module):
+    """N encoder layers applied in turn (12 in the seed), plus a final LayerNorm for pre-norm.
+
+    Takes already-embedded input (B, T, D) and the public ``attention_mask`` (B, T).
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
+        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+                           if config.has_final_norm else None)
+        self.apply(init_weights)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                output_hidden_states: bool = False, output_attentions: bool = False,
+                ) -> EncoderOutput:
+        if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
+            raise ValueError("hidden_states must be a (batch, seq_len, d_model) tensor, got "
+                             f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}.")
+        if hidden_states.shape[-1] != self.config.d_model:
+            raise ValueError(f"hidden_states has width {hidden_states.shape[-1]}, the stack "
+                             f"expects d_model={self.config.d_model}.")
+        mask = check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), hidden_states.device)
+        key_mask = key_mask_from(mask)
+        x = hidden_states
+        all_hidden = [x] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
+        for layer in self.layers:
+            out = layer(x, key_mask, return_attention=output_attentions)
+            x = out.hidden_state
+            if all_hidden is not None:
+                all_hidden.append(x)
+            if all_attentions is not None:
+                all_attentions.append(out.attention)
+        if self.final_norm is not None:
+            x = self.final_norm(x)
+            if all_hidden is not None:
+                all_hidden[-1] = x
+        return EncoderOutput(
+            last_hidden_state=x,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
+        )
+
+    @classmethod
+    def from_torch(cls, encoder: nn.TransformerEncoder) -> EncoderStack:
+        """A stack with exactly the weights of a PyTorch ``nn.TransformerEncoder``.
+
+        Works whatever the PyTorch encoder's ``batch_first`` (ctxvec is always batch-first) and
+        for both norm orders. Variants ctxvec does not implement are refused by name.
+        """
+        from ctxvec.torch_compat import config_and_state_from_torch
+
+        config, state = config_and_state_from_torch(encoder)
+        stack = cls(config)
+        stack.load_state_dict(state, strict=True)
+        first = next(encoder.parameters())
+        return stack.to(device=first.device, dtype=first.dtype)
+
+
+class Encoder(nn.Module):
+    """The whole assembly line after tokenization: embed, add positions, run the stack.
+
+    Example:
+        >>> config = EncoderConfig(vocab_size=100, d_model=32, n_heads=4, d_ff=64, n_layers=2)
+        >>> encoder = Encoder(config).eval()
+        >>> ids = torch.tensor([[2, 15, 16, 3], [2, 17, 3, 0]])
+        >>> mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
+        >>> encoder(ids, mask).last_hidden_state.shape
+        torch.Size([2, 4, 32])
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embeddings = Embeddings(config)
+        self.stack = EncoderStack(config)
+        self.embeddings.apply(init_weights)
+
+    def check_input_ids(self, input_ids: torch.Tensor) -> None:
+        """Clear errors for what would otherwise be an index error deep inside PyTorch."""
+        config = self.config
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}.")
+        if not _is_integer(input_ids):
+            raise TypeError(f"input_ids must be an integer tensor of token ids, got {input_ids.dtype}.")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
+                             + ("; for one sequence use input_ids[None]." if input_ids.dim() == 1 else "."))
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids has seq_len 0; every sequence needs at least one token.")
+        if input_ids.shape[1] > config.max_len:
+            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_len={config.max_len}, "
+                             "the size of the position table; truncate the input (the tokenizer's "
+                             "max_len does it and reports which texts were cut).")
+        if input_ids.numel():
+            low, high = int(input_ids.min()), int(input_ids.max())
+            if low < 0 or high >= config.vocab_size:
+                bad = low if low < 0 else high
+                raise ValueError(f"token id {bad} is outside the vocabulary [0, {config.vocab_size}).")
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
+                output_attentions: bool = False) -> EncoderOutput:
+        """input_ids, attention_mask, token_type_ids: (B, T). Returns an ``EncoderOutput``."""
+        self.check_input_ids(input_ids)
+        if token_type_ids is not None:
+            if self.embeddings.token_types is None:
+                raise ValueError("token_type_ids given but this model has no segment embeddings.")
+            if (not isinstance(token_type_ids, torch.Tensor) or not _is_integer(token_type_ids)
+                    or token_type_ids.shape != input_ids.shape):
+                raise ValueError("token_type_ids must be an integer tensor shaped like input_ids.")
+            if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
+                raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size}).")
+        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        return self.stack(x, attention_mask, output_hidden_states, output_attentions)

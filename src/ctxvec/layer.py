@@ -1,0 +1,75 @@
+"""Steps 6-7 of the assembly line: Add & Norm, feed-forward, Add & Norm = one encoder layer.
+
+Letters: B batch, T sequence length, D d_model, F d_ff.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ctxvec.attention import MultiHeadSelfAttention
+from ctxvec.config import EncoderConfig
+
+_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as BERT uses
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: D -> F, activation, dropout, F -> D (512 -> 1024 -> 512)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.activation = _ACTIVATIONS[activation]
+        self.dropout = nn.Dropout(dropout)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        hidden = self.activation(self.up(x))  # (B, T, F)
+        return self.down(self.dropout(hidden))  # (B, T, D)
+
+
+@dataclass
+class LayerOutput:
+    hidden_state: torch.Tensor  # (B, T, D)
+    attention: torch.Tensor | None  # (B, H, T, T) probabilities, only when asked for
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward, each wrapped in a residual connection and a LayerNorm.
+
+    Post-norm (the seed, ``norm_first=False``)::
+
+        x = LayerNorm(x + Dropout(Attention(x)))      # Add & Norm #1
+        x = LayerNorm(x + Dropout(FeedForward(x)))    # Add & Norm #2
+
+    Pre-norm (``norm_first=True``) normalises the sub-layer's input instead::
+
+        x = x + Dropout(Attention(LayerNorm(x)))
+        x = x + Dropout(FeedForward(LayerNorm(x)))
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.attention = MultiHeadSelfAttention(config.d_model, config.n_heads, config.dropout)
+        self.dropout1 = nn.Dropout(config.dropout)
+        self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
+        self.dropout2 = nn.Dropout(config.dropout)
+        self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
+                return_attention: bool = False) -> LayerOutput:
+        if self.norm_first:
+            a = self.attention(self.norm1(x), key_mask, return_attention)
+            x = x + self.dropout1(a.output)
+            x = x + self.dropout2(self.feed_forward(self.norm2(x)))
+        else:
+            a = self.attention(x, key_mask, return_attention)
+            x = self.norm1(x + self.dropout1(a.output))
+            x = self.norm2(x + self.dropout2(self.feed_forward(x)))
+        return LayerOutput(x, a.probabilities)

@@ -1,0 +1,222 @@
+"""Step 1 of the assembly line: text -> word pieces -> ids, padded into a batch.
+
+Built on Hugging Face ``tokenizers`` (Rust): the WordPiece model, normalizer, pre-tokenizer and
+special-token template all come from it. ctxvec adds what its users need on top: truncation
+that is reported per text (or refused, in strict mode), padding to the longest text or to a
+fixed length, and the ``attention_mask`` (1 = real token) that the encoder expects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import tokenizers
+import torch
+from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+log = logging.getLogger(__name__)
+
+PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
+SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # ids 0..4 in tokenizers that ctxvec trains
+
+
+class TruncationError(ValueError):
+    """A text is longer than ``max_len`` tokens and the tokenizer was asked to be strict."""
+
+
+@dataclass
+class BatchEncoding:
+    """A tokenized, padded batch. Tensors are (B, T); lists have one entry per text.
+
+    Attributes:
+        input_ids: token ids, padded with the pad id.
+        attention_mask: 1 for real tokens (special tokens included), 0 for padding.
+        tokens: each text's tokens as strings, without padding.
+        special_tokens_mask: per text, 1 where the token is a special token ([CLS], [SEP]).
+        n_tokens: per text, how many tokens were kept (special tokens included).
+        n_tokens_full: per text, how many tokens the whole text has (special tokens included).
+        truncated: per text, whether it was cut to ``max_len``.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    tokens: list[list[str]]
+    special_tokens_mask: list[list[int]]
+    n_tokens: list[int]
+    n_tokens_full: list[int]
+    truncated: list[bool]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+
+class Tokenizer:
+    """A WordPiece tokenizer: ``train``, ``encode_batch``, ``decode``, ``save`` / ``load``.
+
+    Args:
+        backend: a ``tokenizers.Tokenizer`` (its own padding and truncation settings are
+            switched off: this class pads and truncates, so that it can report what it cut).
+        max_len: the longest encoding, special tokens included (the model's position table).
+
+    Example:
+        >>> tok = Tokenizer.load("tokenizer.json")  # doctest: +SKIP
+        >>> batch = tok.encode_batch(["my name is aj", "hello"])  # doctest: +SKIP
+        >>> batch.input_ids.shape, batch.attention_mask[1]  # doctest: +SKIP
+        (torch.Size([2, 6]), tensor([1, 1, 1, 0, 0, 0]))
+    """
+
+    def __init__(self, backend: tokenizers.Tokenizer, max_len: int = 512) -> None:
+        pad_token = (backend.padding or {}).get("pad_token", PAD)
+        backend.no_padding()
+        backend.no_truncation()
+        self.backend = backend
+        self.pad_token = pad_token
+        self.pad_id = self._required_id(pad_token)
+        self.n_special = backend.num_special_tokens_to_add(False)
+        if max_len <= self.n_special:
+            raise ValueError(f"max_len must exceed the {self.n_special} special tokens, got {max_len}.")
+        self.max_len = max_len
+
+    def _required_id(self, token: str) -> int:
+        token_id = self.backend.token_to_id(token)
+        if token_id is None:
+            raise ValueError(f"the tokenizer has no {token} token.")
+        return token_id
+
+    # ---- building -----------------------------------------------------------------------
+    @classmethod
+    def train(cls, files: Sequence[str | Path] | None = None, *, texts: Iterable[str] | None = None,
+              vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True,
+              max_len: int = 512) -> Tokenizer:
+        """Learn a WordPiece vocabulary (BERT's normalisation and pre-tokenisation) from text.
+
+        Special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+        """
+        if vocab_size <= len(SPECIAL_TOKENS):
+            raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens.")
+        backend = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+        backend.normalizer = normalizers.BertNormalizer(
+            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        backend.decoder = decoders.WordPiece(prefix="##")
+        trainer = trainers.WordPieceTrainer(
+            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+            continuing_subword_prefix="##", show_progress=False)
+        if files is not None:
+            missing = [str(f) for f in files if not Path(f).is_file()]
+            if missing:
+                raise FileNotFoundError(f"training file(s) not found: {', '.join(missing)}")
+            backend.train([str(f) for f in files], trainer)
+        elif texts is not None:
+            backend.train_from_iterator(texts, trainer)
+        else:
+            raise ValueError("give training files or texts.")
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
+            special_tokens=[(CLS, backend.token_to_id(CLS)), (SEP, backend.token_to_id(SEP))])
+        return cls(backend, max_len=max_len)
+
+    @classmethod
+    def load(cls, path: str | Path, max_len: int = 512) -> Tokenizer:
+        """Load a ``tokenizer.json`` (a file, or a folder that holds one)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"no tokenizer file at {path}")
+        try:
+            backend = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as err:  # the Rust side raises plain Exception
+            raise ValueError(f"{path} is not a valid tokenizer.json: {err}") from None
+        return cls(backend, max_len=max_len)
+
+    def save(self, path: str | Path) -> None:
+        """Write ``tokenizer.json`` (to a file, or into a folder)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        self.backend.save(str(path))
+
+    # ---- facts ----------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    # ---- encoding -------------------------------------------------------------------------
+    def encode_batch(self, texts: Sequence[str], *, max_len: int | None = None,
+                     padding: Literal["longest", "max_length"] = "longest",
+                     strict: bool = False) -> BatchEncoding:
+        """Tokenize, add [CLS]/[SEP], truncate to ``max_len``, pad to a rectangle.
+
+        Args:
+            texts: a list of strings (a single string is refused, to avoid encoding its
+                characters one by one).
+            max_len: the longest encoding kept, special tokens included; default ``self.max_len``.
+            padding: "longest" pads to the longest text in this batch; "max_length" pads
+                every row to ``max_len``.
+            strict: raise ``TruncationError`` instead of cutting a text that is too long.
+        """
+        max_len = self.max_len if max_len is None else max_len
+        if not isinstance(max_len, int) or max_len <= self.n_special:
+            raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
+        if padding not in ("longest", "max_length"):
+            raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
+        texts = self._check_texts(texts)
+        raw = self.backend.encode_batch(texts, add_special_tokens=False)
+        budget = max_len - self.n_special
+        encodings, n_full, truncated = [], [], []
+        for i, enc in enumerate(raw):
+            n_full.append(len(enc.ids) + self.n_special)
+            truncated.append(len(enc.ids) > budget)
+            if truncated[-1]:
+                if strict:
+                    raise TruncationError(
+                        f"text {i} has {n_full[-1]} tokens, more than max_len={max_len} "
+                        f"(special tokens included); shorten it or turn strict mode off.")
+                enc.truncate(budget)
+            encodings.append(self.backend.post_process(enc))
+        lengths = [len(enc.ids) for enc in encodings]
+        width = max_len if padding == "max_length" else max(lengths, default=0)
+        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encodings), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : lengths[row]] = enc.ids
+            mask[row, : lengths[row]] = 1
+        return BatchEncoding(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            tokens=[enc.tokens for enc in encodings],
+            special_tokens_mask=[enc.special_tokens_mask for enc in encodings],
+            n_tokens=lengths,
+            n_tokens_full=n_full,
+            truncated=truncated,
+        )
+
+    @staticmethod
+    def _check_texts(texts: Sequence[str]) -> list[str]:
+        if isinstance(texts, str) or not isinstance(texts, Sequence):
+            raise TypeError("texts must be a list of strings (wrap a single text in a list).")
+        texts = list(texts)
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise TypeError(f"text {i} is a {type(text).__name__}, not a str.")
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError as err:
+                raise ValueError(f"text {i} is not valid Unicode (a lone surrogate at character "
+                                 f"{err.start}); it cannot be tokenized.") from None
+        return texts
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)

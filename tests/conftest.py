@@ -1,0 +1,34 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ctxvec import EncoderConfig
+
+
+def tiny_config(**changes) -> EncoderConfig:
+    """A small encoder with the seed's structure: fast enough for every test."""
+    base = dict(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, max_len=40)
+    base.update(changes)
+    return EncoderConfig(**base)
+
+
+def random_batch(batch: int, seq_len: int, vocab_size: int, generator: torch.Generator | None = None,
+                 min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random ids with right padding of random lengths; the first row is always full length."""
+    g = generator or torch.Generator().manual_seed(0)
+    ids = torch.randint(1, vocab_size, (batch, seq_len), generator=g)
+    lengths = torch.randint(min_len, seq_len + 1, (batch,), generator=g)
+    lengths[0] = seq_len
+    mask = (torch.arange(seq_len)[None, :] < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def config() -> EncoderConfig:
+    return tiny_config()
