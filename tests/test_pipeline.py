@@ -28,7 +28,7 @@ def test_seed_weights_are_deterministic_and_leave_global_rng_alone(seed):
 
 def test_encode_returns_one_vector_per_token_in_input_order(seed):
     texts = ["my name is aj", "a", "the heavens and the earth were finished"]
-    results = seed.encode(texts, batch_size=2)
+    results = seed.encode(texts, batch_tokens=20)
     assert [r.text for r in results] == texts
     for r in results:
         assert r.vectors.shape == (len(r.tokens), 512) and r.vectors.dtype == np.float32
@@ -45,12 +45,12 @@ def test_long_text_is_truncated_and_says_so(seed):
         seed.encode(["word " * 600], strict=True)
 
 
-@pytest.mark.parametrize("batch_size", [0, -3, 1.5])
-def test_bad_batch_size(seed, batch_size):
-    with pytest.raises(ValueError, match="batch_size"):
-        seed.encode(["x"], batch_size=batch_size)
+@pytest.mark.parametrize("batch_tokens", [0, -3, 1.5, True])
+def test_bad_batch_tokens(seed, batch_tokens):
+    with pytest.raises(ValueError, match="batch_tokens"):
+        seed.encode(["x"], batch_tokens=batch_tokens)
 
 
 def test_unknown_model_lists_the_known_ones():
-    with pytest.raises(ValueError, match="known models: seed"):
+    with pytest.raises(ValueError, match="known models: minilm, seed"):
         load("gpt-17")

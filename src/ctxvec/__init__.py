@@ -16,6 +16,9 @@ from ctxvec.embedding import (
 )
 from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack
 from ctxvec.layer import EncoderLayer, FeedForward
+from ctxvec.models import load, save_pipeline
+from ctxvec.pipeline import Pipeline, SentenceVectors, TokenVectors
+from ctxvec.pooling import Pooling
 from ctxvec.tokenizer import BatchEncoding, Tokenizer
 
 __version__ = "0.1.0"
@@ -23,6 +26,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AttentionOutput", "BatchEncoding", "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer",
     "EncoderOutput", "EncoderStack", "FeedForward", "LearnedPositionalEncoding",
-    "MultiHeadSelfAttention", "SinusoidalPositionalEncoding", "TokenEmbedding", "Tokenizer",
-    "attention", "one_hot", "sinusoid_table",
+    "MultiHeadSelfAttention", "Pipeline", "Pooling", "SentenceVectors", "SinusoidalPositionalEncoding",
+    "TokenEmbedding", "TokenVectors", "Tokenizer", "attention", "load", "one_hot", "save_pipeline",
+    "sinusoid_table",
 ]

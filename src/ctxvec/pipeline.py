@@ -1,19 +1,24 @@
-"""Text in, context vectors out: a tokenizer and an encoder working together.
+"""Text in, context vectors out: a tokenizer, an encoder and a pooling working together.
 
-``load(name)`` builds one. ``Pipeline.encode(texts)`` returns, for every text in input order,
-its tokens and one context vector per token (the seed's output).
+``Pipeline.encode(texts)`` returns every token's context vector (the seed's output);
+``Pipeline.embed(texts)`` returns one vector per text. Both sort the texts by length into
+batches under a token budget (little padding), then put the results back in input order.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
-from ctxvec.tokenizer import Tokenizer
+from ctxvec.pooling import Pooling
+from ctxvec.tokenizer import Encoded, Tokenizer
+
+DEFAULT_BATCH_TOKENS = 8192
 
 
 @dataclass
@@ -39,29 +44,76 @@ class TokenVectors:
     n_tokens_full: int
 
 
+@dataclass
+class SentenceVectors:
+    """Sentence vectors of several texts, in input order.
+
+    Attributes:
+        vectors: (n, d_model) float32.
+        truncated: (n,) bool, whether each text was cut to the model's length limit.
+        n_tokens: (n,) tokens used per text (special tokens included).
+        n_tokens_full: (n,) tokens in each whole text.
+    """
+
+    vectors: np.ndarray
+    truncated: np.ndarray
+    n_tokens: np.ndarray
+    n_tokens_full: np.ndarray
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length whose padded size stays under the budget.
+
+    A batch holds texts sorted by length, so padding is at most the gap to its longest text;
+    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone).
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batch: list[int] = []
+    for i in order:
+        if batch and (len(batch) + 1) * lengths[i] > batch_tokens:  # lengths[i] is the longest so far
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def check_compatible(tokenizer: Tokenizer, config: EncoderConfig, source: str) -> None:
+    """The tokenizer and the encoder must agree on vocabulary, padding and length."""
+    problems = []
+    if tokenizer.vocab_size != config.vocab_size:
+        problems.append(f"the tokenizer has {tokenizer.vocab_size} tokens but the encoder's "
+                        f"embedding has {config.vocab_size} rows")
+    if tokenizer.pad_id != config.pad_id:
+        problems.append(f"the tokenizer pads with id {tokenizer.pad_id} but the encoder's pad_id "
+                        f"is {config.pad_id}")
+    if tokenizer.max_len > config.max_len:
+        problems.append(f"the tokenizer keeps up to {tokenizer.max_len} tokens but the encoder's "
+                        f"position table has only {config.max_len}")
+    for special in ("[CLS]", "[SEP]"):
+        if tokenizer.token_to_id(special) is None:
+            problems.append(f"the tokenizer has no {special} token")
+    if problems:
+        raise ValueError(f"{source}: " + "; ".join(problems) + ".")
+
+
 class Pipeline:
-    """A tokenizer and an encoder that agree on vocabulary and length.
+    """A tokenizer, an encoder and a pooling that agree on vocabulary and length.
 
     Args:
-        tokenizer: turns texts into padded batches.
+        tokenizer: turns texts into padded batches; its ``max_len`` is the pipeline's limit.
         encoder: turns batches into context vectors.
-        name: a label for messages ("seed", a folder, ...).
+        pooling: turns a text's token vectors into its sentence vector.
+        name: a label for messages ("minilm", "seed", a folder).
         description: one sentence for people (shown by the CLI).
     """
 
-    def __init__(self, tokenizer: Tokenizer, encoder: Encoder, name: str, description: str = "") -> None:
-        config = encoder.config
-        if tokenizer.vocab_size != config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.vocab_size} tokens but the encoder's "
-                             f"embedding has {config.vocab_size} rows; they must be the same.")
-        if tokenizer.pad_id != config.pad_id:
-            raise ValueError(f"the tokenizer pads with id {tokenizer.pad_id} but the encoder's "
-                             f"pad_id is {config.pad_id}.")
-        if tokenizer.max_len > config.max_len:
-            raise ValueError(f"the tokenizer keeps up to {tokenizer.max_len} tokens but the "
-                             f"encoder's position table has only {config.max_len}.")
+    def __init__(self, tokenizer: Tokenizer, encoder: Encoder, pooling: Pooling | None = None,
+                 name: str = "", description: str = "") -> None:
+        check_compatible(tokenizer, encoder.config, name or "pipeline")
         self.tokenizer = tokenizer
         self.encoder = encoder.eval()
+        self.pooling = pooling or Pooling("mean")
         self.name = name
         self.description = description
 
@@ -69,33 +121,59 @@ class Pipeline:
     def max_len(self) -> int:
         return self.tokenizer.max_len
 
-    @torch.inference_mode()
-    def encode(self, texts: Sequence[str], batch_size: int = 32, strict: bool = False) -> list[TokenVectors]:
+    @property
+    def dim(self) -> int:
+        return self.encoder.config.d_model
+
+    def _forward(self, encoded: Sequence[Encoded], batch_tokens: int
+                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
+        """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch."""
+        if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
+            raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
+        lengths = [len(e.ids) for e in encoded]
+        with torch.inference_mode():
+            for indices in length_sorted_batches(lengths, batch_tokens):
+                batch = self.tokenizer.pad([encoded[i] for i in indices])
+                hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+                yield indices, hidden, batch.attention_mask
+
+    def encode(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+               strict: bool = False) -> list[TokenVectors]:
         """Context vectors for every token of every text, in input order.
 
         Args:
             texts: the texts.
-            batch_size: texts per forward pass (results do not depend on it).
+            batch_tokens: padded tokens per forward pass (results do not depend on it).
             strict: raise instead of truncating a text over the length limit.
         """
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-        texts = Tokenizer._check_texts(texts)
-        results: list[TokenVectors] = []
-        for start in range(0, len(texts), batch_size):
-            chunk = texts[start : start + batch_size]
-            batch = self.tokenizer.encode_batch(chunk, strict=strict)
-            hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state  # (B, T, D)
+        encoded = self.tokenizer.tokenize(texts, strict=strict)
+        results: list[TokenVectors | None] = [None] * len(encoded)
+        for indices, hidden, _ in self._forward(encoded, batch_tokens):
             hidden = hidden.float().numpy()
-            for row, text in enumerate(chunk):
-                n = batch.n_tokens[row]
-                results.append(TokenVectors(
-                    text=text,
-                    tokens=batch.tokens[row],
-                    ids=batch.input_ids[row, :n].tolist(),
-                    special=[bool(s) for s in batch.special_tokens_mask[row]],
-                    vectors=hidden[row, :n].copy(),
-                    truncated=batch.truncated[row],
-                    n_tokens_full=batch.n_tokens_full[row],
-                ))
-        return results
+            for row, i in enumerate(indices):
+                e = encoded[i]
+                results[i] = TokenVectors(
+                    text=texts[i], tokens=e.tokens, ids=list(e.ids),
+                    special=[bool(s) for s in e.special_tokens_mask],
+                    vectors=hidden[row, : len(e.ids)].copy(),
+                    truncated=e.truncated, n_tokens_full=e.n_tokens_full)
+        return results  # type: ignore[return-value]
+
+    def embed_with_details(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                           strict: bool = False) -> SentenceVectors:
+        """Sentence vectors (the model's own pooling and normalisation) and truncation facts."""
+        encoded = self.tokenizer.tokenize(texts, strict=strict)
+        vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
+        for indices, hidden, mask in self._forward(encoded, batch_tokens):
+            vectors[indices] = self.pooling(hidden, mask).float().numpy()
+        return SentenceVectors(
+            vectors=vectors,
+            truncated=np.array([e.truncated for e in encoded], dtype=bool),
+            n_tokens=np.array([len(e.ids) for e in encoded], dtype=np.int64),
+            n_tokens_full=np.array([e.n_tokens_full for e in encoded], dtype=np.int64),
+        )
+
+    def embed(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+              strict: bool = False) -> np.ndarray:
+        """(n, d_model) float32 sentence vectors, in input order (see ``embed_with_details``)."""
+        return self.embed_with_details(texts, batch_tokens=batch_tokens, strict=strict).vectors

@@ -28,6 +28,22 @@ SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # ids 0..4 in tokenizers that ctxve
 class TruncationError(ValueError):
     """A text is longer than ``max_len`` tokens and the tokenizer was asked to be strict."""
 
+    def __init__(self, index: int, n_tokens: int, max_len: int) -> None:
+        self.index, self.n_tokens, self.max_len = index, n_tokens, max_len
+        super().__init__(f"text {index} has {n_tokens} tokens, more than max_len={max_len} "
+                         "(special tokens included); shorten it or turn strict mode off.")
+
+
+@dataclass
+class Encoded:
+    """One text, tokenized and truncated but not padded."""
+
+    ids: list[int]
+    tokens: list[str]
+    special_tokens_mask: list[int]  # 1 where the token is a special token
+    n_tokens_full: int  # tokens in the whole text, special tokens included
+    truncated: bool
+
 
 @dataclass
 class BatchEncoding:
@@ -154,54 +170,70 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     # ---- encoding -------------------------------------------------------------------------
+    def tokenize(self, texts: Sequence[str], *, max_len: int | None = None,
+                 strict: bool = False) -> list[Encoded]:
+        """Tokenize without padding: word pieces, [CLS]/[SEP], truncation to ``max_len``.
+
+        Args:
+            texts: a list of strings (a single string is refused, to avoid encoding its
+                characters one by one).
+            max_len: the longest encoding kept, special tokens included; default ``self.max_len``.
+            strict: raise ``TruncationError`` instead of cutting a text that is too long.
+        """
+        max_len = self.max_len if max_len is None else max_len
+        if not isinstance(max_len, int) or max_len <= self.n_special:
+            raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
+        texts = self._check_texts(texts)
+        budget = max_len - self.n_special
+        encoded = []
+        for i, enc in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
+            n_full = len(enc.ids) + self.n_special
+            truncated = len(enc.ids) > budget
+            if truncated:
+                if strict:
+                    raise TruncationError(i, n_full, max_len)
+                enc.truncate(budget)
+            # the library's own template adds [CLS]/[SEP] exactly as when it encodes directly
+            enc = self.backend.post_process(enc)
+            encoded.append(Encoded(enc.ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
+        return encoded
+
+    def pad(self, encoded: Sequence[Encoded], length: int | None = None) -> BatchEncoding:
+        """Stack encodings into (B, T) tensors, right-padded to ``length`` (default: the longest)."""
+        lengths = [len(e.ids) for e in encoded]
+        width = max(lengths, default=0) if length is None else length
+        if lengths and width < max(lengths):
+            raise ValueError(f"cannot pad to {width}: the longest encoding has {max(lengths)} tokens.")
+        ids = np.full((len(encoded), width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        for row, e in enumerate(encoded):
+            ids[row, : lengths[row]] = e.ids
+            mask[row, : lengths[row]] = 1
+        return BatchEncoding(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            tokens=[e.tokens for e in encoded],
+            special_tokens_mask=[e.special_tokens_mask for e in encoded],
+            n_tokens=lengths,
+            n_tokens_full=[e.n_tokens_full for e in encoded],
+            truncated=[e.truncated for e in encoded],
+        )
+
     def encode_batch(self, texts: Sequence[str], *, max_len: int | None = None,
                      padding: Literal["longest", "max_length"] = "longest",
                      strict: bool = False) -> BatchEncoding:
         """Tokenize, add [CLS]/[SEP], truncate to ``max_len``, pad to a rectangle.
 
         Args:
-            texts: a list of strings (a single string is refused, to avoid encoding its
-                characters one by one).
-            max_len: the longest encoding kept, special tokens included; default ``self.max_len``.
+            texts, max_len, strict: as in ``tokenize``.
             padding: "longest" pads to the longest text in this batch; "max_length" pads
                 every row to ``max_len``.
-            strict: raise ``TruncationError`` instead of cutting a text that is too long.
         """
-        max_len = self.max_len if max_len is None else max_len
-        if not isinstance(max_len, int) or max_len <= self.n_special:
-            raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
         if padding not in ("longest", "max_length"):
             raise ValueError(f"padding must be 'longest' or 'max_length', got {padding!r}.")
-        texts = self._check_texts(texts)
-        raw = self.backend.encode_batch(texts, add_special_tokens=False)
-        budget = max_len - self.n_special
-        encodings, n_full, truncated = [], [], []
-        for i, enc in enumerate(raw):
-            n_full.append(len(enc.ids) + self.n_special)
-            truncated.append(len(enc.ids) > budget)
-            if truncated[-1]:
-                if strict:
-                    raise TruncationError(
-                        f"text {i} has {n_full[-1]} tokens, more than max_len={max_len} "
-                        f"(special tokens included); shorten it or turn strict mode off.")
-                enc.truncate(budget)
-            encodings.append(self.backend.post_process(enc))
-        lengths = [len(enc.ids) for enc in encodings]
-        width = max_len if padding == "max_length" else max(lengths, default=0)
-        ids = np.full((len(encodings), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encodings), width), dtype=np.int64)
-        for row, enc in enumerate(encodings):
-            ids[row, : lengths[row]] = enc.ids
-            mask[row, : lengths[row]] = 1
-        return BatchEncoding(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            tokens=[enc.tokens for enc in encodings],
-            special_tokens_mask=[enc.special_tokens_mask for enc in encodings],
-            n_tokens=lengths,
-            n_tokens_full=n_full,
-            truncated=truncated,
-        )
+        encoded = self.tokenize(texts, max_len=max_len, strict=strict)
+        length = None if padding == "longest" else (self.max_len if max_len is None else max_len)
+        return self.pad(encoded, length)
 
     @staticmethod
     def _check_texts(texts: Sequence[str]) -> list[str]:
