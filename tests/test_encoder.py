@@ -222,3 +222,23 @@ def test_default_encoder_is_the_seed_with_no_warnings(recwarn):
         out = encoder(torch.randint(0, 8000, (2, 16)), torch.ones(2, 16, dtype=torch.long))
     assert out.last_hidden_state.shape == (2, 16, 512)
     assert len(recwarn) == 0
+
+
+def test_padding_positions_are_skipped_and_zero(encoder):
+    ids, mask = random_batch(3, 8, 64)
+    out = encoder(ids, mask, output_hidden_states=True)
+    pad = ~mask.bool()
+    assert pad.any()
+    assert torch.all(out.last_hidden_state[pad] == 0)
+    assert all(torch.all(h[pad] == 0) for h in out.hidden_states[1:])
+
+
+def test_token_packing_round_trip():
+    from ctxvec.attention import TokenPacking
+
+    _, mask = random_batch(4, 6, 10)
+    packing = TokenPacking.from_mask(mask.bool())
+    x = torch.randn(4, 6, 3) * mask[..., None]
+    packed = packing.pack(x)
+    assert packed.shape == (int(mask.sum()), 3)
+    assert torch.equal(packing.unpack(packed), x)

@@ -29,6 +29,32 @@ class AttentionOutput:
     probabilities: torch.Tensor | None  # (B, H, T, T), only when asked for
 
 
+@dataclass
+class TokenPacking:
+    """Where the real tokens of a padded (B, T) batch are, to pack them as (N, C) rows.
+
+    Everything in a layer but attention works token by token (projections, feed-forward,
+    LayerNorm, residuals), so it can skip padding altogether: the encoder packs the real tokens
+    once, and attention unpacks them to (B, T, C) only around softmax(Q·Kᵀ)·V.
+    """
+
+    index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * T) batch
+    batch_size: int
+    seq_len: int
+
+    @classmethod
+    def from_mask(cls, real: torch.Tensor) -> TokenPacking:
+        """real: (B, T) bool, True = real token."""
+        return cls(real.flatten().nonzero().squeeze(1), real.shape[0], real.shape[1])
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)  # (B, T, C) -> (N, C)
+
+    def unpack(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1]).index_copy(0, self.index, x)
+        return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (N, C) -> (B, T, C), 0 at padding
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               key_mask: torch.Tensor | None = None, dropout: nn.Module | None = None,
               ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,12 +99,18 @@ class MultiHeadSelfAttention(nn.Module):
         self.attn_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                return_probabilities: bool = False) -> AttentionOutput:
-        """x: (B, T, D); key_mask: bool (B, 1, 1, T) or None. Returns (B, T, D)."""
-        B, T, D = x.shape
-        H = self.n_heads
+                return_probabilities: bool = False, packing: TokenPacking | None = None) -> AttentionOutput:
+        """x: (B, T, D), or (N, D) real tokens with their ``packing``; key_mask: bool (B, 1, 1, T).
+
+        Returns an output shaped like ``x``.
+        """
+        D, H = x.shape[-1], self.n_heads
         # 1) project: one matmul for Q, K and V, then split into heads
-        qkv = self.qkv(x).view(B, T, 3, H, D // H)  # (B, T, 3, H, Dh)
+        qkv = self.qkv(x)  # (B, T, 3D) or (N, 3D)
+        if packing is not None:
+            qkv = packing.unpack(qkv)  # (N, 3D) -> (B, T, 3D)
+        B, T = qkv.shape[:2]
+        qkv = qkv.view(B, T, 3, H, D // H)  # (B, T, 3, H, Dh)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh)
         # 2) attend, per head
         if return_probabilities:
@@ -89,4 +121,6 @@ class MultiHeadSelfAttention(nn.Module):
             probabilities = None
         # 3) concat the heads back to D, 4) mix them with the output projection
         heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
+        if packing is not None:
+            heads = packing.pack(heads)  # (B, T, D) -> (N, D)
         return AttentionOutput(self.out(heads), probabilities)

@@ -12,6 +12,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ctxvec.pipeline import DEFAULT_BATCH_TOKENS
+from ctxvec.runtime import PRECISIONS, set_threads
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
 EMBED_CHUNK = 2048  # texts read, sorted by length and embedded together
@@ -23,32 +24,55 @@ def main() -> None:
     """ctxvec: raw words -> context vectors, with a Transformer encoder built step by step."""
 
 
+def model_options(command):
+    """--model, --precision, --threads and --batch-tokens, shared by the commands that encode."""
+    options = [
+        click.option("--model", "-m", default="minilm", show_default=True,
+                     help="Model name (see `ctxvec models`) or model folder."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+                     help="fp32 gives the reference libraries' numbers; bf16 is faster on CPUs with "
+                          "AVX512-BF16/AMX and on GPUs."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for PyTorch (default: PyTorch's choice)."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
+                     show_default=True, help="Padded tokens per forward pass (results do not depend on it)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _load(model: str, precision: str, threads: int | None):
+    from ctxvec.models import load
+
+    set_threads(threads)
+    return load(model, precision=precision)
+
+
 def _compact(vector: np.ndarray, n: int = 4) -> str:
     return "[" + ", ".join(f"{v:+.3f}" for v in vector[:n]) + (", ...]" if len(vector) > n else "]")
 
 
 @main.command()
 @click.argument("texts", nargs=-1, required=True)
-@click.option("--model", "-m", default="minilm", show_default=True,
-              help="Model name (see `ctxvec models`) or model folder.")
+@model_options
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every vector: .npy (one text), .npz (one array per text) or .json.")
 @click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
-def encode(texts: tuple[str, ...], model: str, output: Path | None, strict: bool) -> None:
+def encode(texts: tuple[str, ...], model: str, precision: str, threads: int | None, batch_tokens: int,
+           output: Path | None, strict: bool) -> None:
     """Print each token of TEXTS with a compact view of its context vector.
 
     Example: ctxvec encode "my name is aj"
     """
-    from ctxvec.models import load
-
     if output is not None and output.suffix not in OUTPUT_SUFFIXES:
         raise click.BadParameter(f"use one of {', '.join(OUTPUT_SUFFIXES)}", param_hint="--output")
     if output is not None and output.suffix == ".npy" and len(texts) > 1:
         raise click.BadParameter(".npy holds one text's vectors; use .npz or .json for several",
                                  param_hint="--output")
     try:
-        pipeline = load(model)
-        results = pipeline.encode(list(texts), strict=strict)
+        pipeline = _load(model, precision, threads)
+        results = pipeline.encode(list(texts), strict=strict, batch_tokens=batch_tokens)
     except ValueError as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"model {pipeline.name}: {pipeline.description}")
@@ -86,20 +110,17 @@ def _write_vectors(path: Path, results: list, model: str) -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @click.option("--output", "-o", required=True, type=click.Path(dir_okay=False, path_type=Path),
               help="Where to write the (n_texts, dim) float32 array (.npy).")
-@click.option("--model", "-m", default="minilm", show_default=True,
-              help="Model name (see `ctxvec models`) or model folder.")
+@model_options
 @click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
               show_default=True, help='auto: .jsonl/.ndjson files are JSON lines with a "text" field.')
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
-              show_default=True, help="Padded tokens per forward pass.")
 @click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
-def embed(file: Path, output: Path, model: str, fmt: str, batch_tokens: int, strict: bool) -> None:
+def embed(file: Path, output: Path, model: str, precision: str, threads: int | None, batch_tokens: int,
+          fmt: str, strict: bool) -> None:
     """Embed FILE, one text per line, into sentence vectors written in input order.
 
     The file is streamed in chunks (memory stays flat for any size); the output is written to
     a temporary file beside OUTPUT and renamed into place only when complete.
     """
-    from ctxvec.models import load
     from ctxvec.textfile import InputFileError, check_readable, chunks, count_lines, iter_texts
     from ctxvec.tokenizer import TruncationError
 
@@ -108,7 +129,7 @@ def embed(file: Path, output: Path, model: str, fmt: str, batch_tokens: int, str
     try:
         check_readable(file)
         total = count_lines(file)
-        pipeline = load(model)
+        pipeline = _load(model, precision, threads)
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -135,7 +156,7 @@ def embed(file: Path, output: Path, model: str, fmt: str, batch_tokens: int, str
     except (ValueError, OSError) as err:
         tmp.unlink(missing_ok=True)
         raise click.ClickException(str(err)) from None
-    click.echo(f"embedded {done} texts with {pipeline.name} -> {output} ({done} x {pipeline.dim}, float32)")
+    click.echo(f"embedded {done} texts with {pipeline.name} ({precision}) -> {output} ({done} x {pipeline.dim}, float32)")
     if truncated:
         lines = ", ".join(str(n) for n in truncated[:10]) + (" ..." if len(truncated) > 10 else "")
         click.echo(f"{len(truncated)} text(s) were truncated to {pipeline.max_len} tokens: line(s) {lines}")

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ctxvec.attention import TokenPacking
 from ctxvec.config import EncoderConfig
 from ctxvec.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
 from ctxvec.layer import EncoderLayer
@@ -22,8 +23,8 @@ class EncoderOutput:
     """What the encoder returns.
 
     Attributes:
-        last_hidden_state: (B, T, D) one context vector per token. Vectors at padding positions
-            are finite but meaningless; use ``attention_mask`` to ignore them.
+        last_hidden_state: (B, T, D) one context vector per token; 0 at padding positions
+            (the layers skip padding: only real tokens are computed).
         hidden_states: with ``output_hidden_states``: the layer stack's input followed by each
             layer's output, n_layers + 1 tensors of (B, T, D).
         attentions: with ``output_attentions``: each layer's attention probabilities,
@@ -117,20 +118,25 @@ class EncoderStack(nn.Module):
                              f"expects d_model={self.config.d_model}.")
         mask = check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), hidden_states.device)
         key_mask = key_mask_from(mask)
-        x = hidden_states
-        all_hidden = [x] if output_hidden_states else None
+        # With padding, the layers work on the real tokens only, packed as (N, D); attention
+        # alone unpacks them. Padding positions of the output are then 0.
+        packing = TokenPacking.from_mask(mask) if key_mask is not None else None
+        x = packing.pack(hidden_states) if packing is not None else hidden_states
+        unpack = packing.unpack if packing is not None else (lambda t: t)
+        all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
-        for layer in self.layers:
-            out = layer(x, key_mask, return_attention=output_attentions)
+        for i, layer in enumerate(self.layers):
+            out = layer(x, key_mask, return_attention=output_attentions, packing=packing)
             x = out.hidden_state
+            if self.final_norm is not None and i == len(self.layers) - 1:
+                x = self.final_norm(x)
             if all_hidden is not None:
-                all_hidden.append(x)
+                all_hidden.append(unpack(x))
             if all_attentions is not None:
                 all_attentions.append(out.attention)
-        if self.final_norm is not None:
-            x = self.final_norm(x)
-            if all_hidden is not None:
-                all_hidden[-1] = x
+        x = unpack(x)
+        if all_hidden is not None:
+            all_hidden[-1] = x
         return EncoderOutput(
             last_hidden_state=x,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ctxvec.attention import MultiHeadSelfAttention
+from ctxvec.attention import MultiHeadSelfAttention, TokenPacking
 from ctxvec.config import EncoderConfig
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as BERT uses
@@ -34,7 +34,7 @@ class FeedForward(nn.Module):
 
 @dataclass
 class LayerOutput:
-    hidden_state: torch.Tensor  # (B, T, D)
+    hidden_state: torch.Tensor  # shaped like the layer's input
     attention: torch.Tensor | None  # (B, H, T, T) probabilities, only when asked for
 
 
@@ -63,13 +63,14 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                return_attention: bool = False) -> LayerOutput:
+                return_attention: bool = False, packing: TokenPacking | None = None) -> LayerOutput:
+        """x: (B, T, D), or (N, D) real tokens with their ``packing``. Returns the same shape."""
         if self.norm_first:
-            a = self.attention(self.norm1(x), key_mask, return_attention)
+            a = self.attention(self.norm1(x), key_mask, return_attention, packing)
             x = x + self.dropout1(a.output)
             x = x + self.dropout2(self.feed_forward(self.norm2(x)))
         else:
-            a = self.attention(x, key_mask, return_attention)
+            a = self.attention(x, key_mask, return_attention, packing)
             x = self.norm1(x + self.dropout1(a.output))
             x = self.norm2(x + self.dropout2(self.feed_forward(x)))
         return LayerOutput(x, a.probabilities)

@@ -32,6 +32,7 @@ from ctxvec.pretrained import (
     sentence_max_len,
     sentence_pooling,
 )
+from ctxvec.runtime import precision_dtype
 from ctxvec.tokenizer import Tokenizer
 
 SEED_WEIGHTS_SEED = 0  # torch.manual_seed for the seed model's random weights
@@ -105,8 +106,18 @@ def save_pipeline(pipeline: Pipeline, folder: str | Path, description: str = "")
     (folder / CTXVEC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
 
 
-def load(name_or_path: str | Path = DEFAULT_MODEL) -> Pipeline:
-    """A ready pipeline: a known name (``KNOWN_MODELS``) or a model folder."""
+def load(name_or_path: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> Pipeline:
+    """A ready pipeline: a known name (``KNOWN_MODELS``) or a model folder.
+
+    Args:
+        name_or_path: "minilm" (default), "seed", or a model folder.
+        precision: "fp32" (exact) or "bf16".
+    """
+    precision_dtype(precision)  # refuse an unknown precision before loading anything
+    return _load(name_or_path).set_precision(precision)
+
+
+def _load(name_or_path: str | Path) -> Pipeline:
     if name_or_path == "minilm":
         return load_huggingface(minilm_dir(), name="minilm", description=KNOWN_MODELS["minilm"])
     if name_or_path == "seed":

@@ -10,15 +10,22 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
+import logging
+
 import numpy as np
 import torch
 
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pooling import Pooling
+from ctxvec.runtime import native_bf16, precision_dtype
 from ctxvec.tokenizer import Encoded, Tokenizer
 
-DEFAULT_BATCH_TOKENS = 8192
+# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
+# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM).
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_TOKENS = 1024
 
 
 @dataclass
@@ -116,7 +123,21 @@ class Pipeline:
         self.pooling = pooling or Pooling("mean")
         self.name = name
         self.description = description
+        self.precision = "fp32"
 
+    def set_precision(self, precision: str) -> Pipeline:
+        """Run the encoder in "fp32" (exact) or "bf16" (weights and activations in bfloat16).
+
+        Pooling and normalisation stay in fp32. Returns the pipeline itself.
+        """
+        dtype = precision_dtype(precision)
+        device = next(self.encoder.parameters()).device
+        if dtype == torch.bfloat16 and not native_bf16(device):
+            log.warning("this %s has no native bf16 matrix multiply (AVX512-BF16 or AMX); bf16 will "
+                        "be much slower than fp32 here.", "GPU" if device.type == "cuda" else "CPU")
+        self.encoder.to(dtype)
+        self.precision = precision
+        return self
     @property
     def max_len(self) -> int:
         return self.tokenizer.max_len
@@ -135,7 +156,7 @@ class Pipeline:
             for indices in length_sorted_batches(lengths, batch_tokens):
                 batch = self.tokenizer.pad([encoded[i] for i in indices])
                 hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
-                yield indices, hidden, batch.attention_mask
+                yield indices, hidden.float(), batch.attention_mask
 
     def encode(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                strict: bool = False) -> list[TokenVectors]:
@@ -149,7 +170,7 @@ class Pipeline:
         encoded = self.tokenizer.tokenize(texts, strict=strict)
         results: list[TokenVectors | None] = [None] * len(encoded)
         for indices, hidden, _ in self._forward(encoded, batch_tokens):
-            hidden = hidden.float().numpy()
+            hidden = hidden.numpy()
             for row, i in enumerate(indices):
                 e = encoded[i]
                 results[i] = TokenVectors(
@@ -165,7 +186,7 @@ class Pipeline:
         encoded = self.tokenizer.tokenize(texts, strict=strict)
         vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
         for indices, hidden, mask in self._forward(encoded, batch_tokens):
-            vectors[indices] = self.pooling(hidden, mask).float().numpy()
+            vectors[indices] = self.pooling(hidden, mask).numpy()
         return SentenceVectors(
             vectors=vectors,
             truncated=np.array([e.truncated for e in encoded], dtype=bool),

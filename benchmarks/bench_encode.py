@@ -1,0 +1,299 @@
+"""Inference speed, side by side in one run: ctxvec vs its peers on the same text and threads.
+
+MiniLM (all-MiniLM-L6-v2 weights), sentence vectors:
+  ctxvec fp32 / bf16, sentence-transformers fp32 / bf16, Hugging Face BertModel as most users
+  call it (fixed batches of 32 in input order, mean pooling).
+Seed config (512/8/1024/12, post-norm, ReLU), token vectors, same weights via from_torch:
+  ctxvec's EncoderStack vs nn.TransformerEncoder's eval fast path on ctxvec's length-sorted
+  batches, and nn.TransformerEncoder on unsorted batches of 32.
+
+Each system: a warm-up, then several rounds in rotating order; the median round counts.
+Outputs are checked while timed: fp32 against the reference within 1e-5; bf16 as min cosine
+to ctxvec fp32. Writes benchmarks/results/bench_encode.{json,md} and updates BENCHMARKS.md.
+
+    .venv/bin/python benchmarks/bench_encode.py [--lines 1500] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import warnings
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    ROOT, SHARED_WEB, inference_flops, machine, matmul_limit, peak_rss, replace_between, reset_peak_rss)
+
+import ctxvec  # noqa: E402
+from ctxvec import EncoderStack  # noqa: E402
+from ctxvec.pipeline import DEFAULT_BATCH_TOKENS, length_sorted_batches  # noqa: E402
+from ctxvec.pretrained import minilm_dir  # noqa: E402
+
+
+@dataclass
+class System:
+    name: str
+    model: str  # "minilm" or "seed"
+    precision: str
+    run: object  # (n=None) -> outputs for the first n units of work (texts or batches), all by default
+    lengths: list  # real tokens per text
+    padded_slots: int  # B * T summed over its batches
+    lines: int
+    times: list = field(default_factory=list)
+    peak_mb: float = 0.0
+    output: object = None
+
+
+def padded(lengths, batches) -> int:
+    return sum(len(b) * max(lengths[i] for i in b) for b in batches)
+
+
+def fixed_batches(n: int, size: int) -> list[list[int]]:
+    return [list(range(i, min(i + size, n))) for i in range(0, n, size)]
+
+
+def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
+    from sentence_transformers import SentenceTransformer
+    from transformers import AutoTokenizer, BertModel
+
+    folder = str(minilm_dir())
+    ours32 = ctxvec.load("minilm")
+    ours16 = ctxvec.load("minilm", precision="bf16")
+    st32 = SentenceTransformer(folder, device="cpu")
+    st16 = SentenceTransformer(folder, device="cpu").to(torch.bfloat16)
+    hf_tok = AutoTokenizer.from_pretrained(folder)
+    hf = BertModel.from_pretrained(folder).eval()
+
+    def lengths_of(sample):
+        return [len(e.ids) for e in ours32.tokenizer.tokenize(sample)]
+
+    def st_slots(sample, lengths):  # sentence-transformers sorts by characters, batches of 32
+        order = sorted(range(len(sample)), key=lambda i: -len(sample[i]))
+        return padded(lengths, [order[i:i + 32] for i in range(0, len(order), 32)])
+
+    def hf_unsorted(sample):
+        out = []
+        with torch.inference_mode():
+            for batch in fixed_batches(len(sample), 32):
+                enc = hf_tok([sample[i] for i in batch], padding=True, truncation=True, max_length=256,
+                             return_tensors="pt")
+                hidden = hf(**enc).last_hidden_state
+                mask = enc["attention_mask"][..., None].float()
+                pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+                out.append(nn.functional.normalize(pooled, dim=-1).numpy())
+        return np.concatenate(out)
+
+    L = lengths_of(texts)
+    L16 = lengths_of(bf16_texts)
+    ours_slots = padded(L, length_sorted_batches(L, DEFAULT_BATCH_TOKENS))
+    return [
+        System("ctxvec fp32", "minilm", "fp32", lambda n=None: ours32.embed(texts[:n]), L, ours_slots, len(texts)),
+        System("sentence-transformers fp32", "minilm", "fp32",
+               lambda n=None: st32.encode(texts[:n], batch_size=32, convert_to_numpy=True), L, st_slots(texts, L), len(texts)),
+        System("HF BertModel fp32, unsorted batches of 32", "minilm", "fp32", lambda n=None: hf_unsorted(texts[:n]), L,
+               padded(L, fixed_batches(len(L), 32)), len(texts)),
+        System("ctxvec bf16", "minilm", "bf16", lambda n=None: ours16.embed(bf16_texts[:n]), L16,
+               padded(L16, length_sorted_batches(L16, DEFAULT_BATCH_TOKENS)), len(bf16_texts)),
+        System("sentence-transformers bf16", "minilm", "bf16",
+               lambda n=None: np.asarray(st16.encode(bf16_texts[:n], batch_size=32, convert_to_tensor=True).float()),
+               L16, st_slots(bf16_texts, L16), len(bf16_texts)),
+    ]
+
+
+def seed_systems(texts: list[str]) -> list[System]:
+    seed = ctxvec.load("seed")
+    torch.manual_seed(0)
+    ref = nn.TransformerEncoder(nn.TransformerEncoderLayer(512, 8, 1024, dropout=0.1, batch_first=True),
+                                num_layers=12).eval()
+    stack = EncoderStack.from_torch(ref).eval()
+    encoded = seed.tokenizer.tokenize(texts)
+    L = [len(e.ids) for e in encoded]
+
+    def prepare(batches):  # embedded, padded inputs, built before timing, identical for both
+        prepared = []
+        with torch.inference_mode():
+            for b in batches:
+                batch = seed.tokenizer.pad([encoded[i] for i in b])
+                prepared.append((b, seed.encoder.embeddings(batch.input_ids), batch.attention_mask))
+        return prepared
+
+    sorted_batches = prepare(list(length_sorted_batches(L, DEFAULT_BATCH_TOKENS)))
+    unsorted_batches = prepare(fixed_batches(len(L), 32))
+
+    def run(module, batches, ours):
+        out = [None] * len(L)
+        with torch.inference_mode():
+            for b, x, mask in batches:
+                if ours:
+                    h = module(x, mask).last_hidden_state
+                else:
+                    h = module(x, src_key_padding_mask=~mask.bool())
+                    h = h.to_padded_tensor(0.0) if h.is_nested else h
+                for row, i in enumerate(b):
+                    out[i] = h[row, : L[i]].numpy().copy()
+        return out
+
+    slots_sorted = padded(L, [b for b, _, _ in sorted_batches])
+    return [
+        System("ctxvec EncoderStack fp32", "seed", "fp32", lambda n=None: run(stack, sorted_batches[:n], True), L,
+               slots_sorted, len(texts)),
+        System("nn.TransformerEncoder fast path, same batches", "seed", "fp32",
+               lambda n=None: run(ref, sorted_batches[:n], False), L, slots_sorted, len(texts)),
+        System("nn.TransformerEncoder fast path, unsorted batches of 32", "seed", "fp32",
+               lambda n=None: run(ref, unsorted_batches[:n], False), L, padded(L, [b for b, _, _ in unsorted_batches]),
+               len(texts)),
+    ]
+
+
+def time_systems(systems: list[System], rounds: int, slow_rounds: int) -> None:
+    for s in systems:  # warm-up: every kernel and allocation path once, on a little of the work
+        s.run(64 if s.model == "minilm" else 4)
+    for r in range(rounds):
+        order = systems[r % len(systems):] + systems[: r % len(systems)]  # rotate
+        for s in order:
+            if r >= (slow_rounds if s.precision == "bf16" and not machine()["native_bf16"] else rounds):
+                continue
+            base = reset_peak_rss()
+            start = time.perf_counter()
+            s.output = s.run()
+            s.times.append(time.perf_counter() - start)
+            s.peak_mb = max(s.peak_mb, (peak_rss() - base) / 2**20)
+            print(f"  round {r + 1}: {s.name}: {s.times[-1]:.2f} s", flush=True)
+
+
+def check_outputs(systems: list[System]) -> dict[str, str]:
+    by = {s.name: s for s in systems}
+    checks = {}
+    ref = by["sentence-transformers fp32"].output
+    ours = by["ctxvec fp32"].output
+    checks["ctxvec fp32"] = f"max abs diff to sentence-transformers fp32: {np.abs(ours - ref).max():.1e}"
+    hf = by["HF BertModel fp32, unsorted batches of 32"].output
+    checks["HF BertModel fp32, unsorted batches of 32"] = f"max abs diff to sentence-transformers: {np.abs(hf - ref).max():.1e}"
+    for name in ("ctxvec bf16", "sentence-transformers bf16"):
+        v = by[name].output
+        n = len(v)
+        cos = (v * ours[:n]).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ours[:n], axis=1))
+        checks[name] = f"min cosine to ctxvec fp32: {cos.min():.5f}"
+    seed_ours = by["ctxvec EncoderStack fp32"].output
+    for name in ("nn.TransformerEncoder fast path, same batches", "nn.TransformerEncoder fast path, unsorted batches of 32"):
+        diff = max(np.abs(a - b).max() for a, b in zip(seed_ours, by[name].output))
+        checks[name] = f"max abs diff to ctxvec: {diff:.1e}"
+    checks["ctxvec EncoderStack fp32"] = "reference: nn.TransformerEncoder (see its rows)"
+    checks["sentence-transformers fp32"] = "reference"
+    return checks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--corpus", type=Path, default=SHARED_WEB)
+    parser.add_argument("--lines", type=int, default=1500, help="sample size for MiniLM")
+    parser.add_argument("--seed-lines", type=int, default=400, help="sample size for the seed config")
+    parser.add_argument("--bf16-lines", type=int, default=None,
+                        help="sample for bf16 systems (default: --lines on CPUs with native bf16, else 150)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md")
+    args = parser.parse_args()
+
+    torch.set_num_threads(args.threads)
+    # nn.TransformerEncoder's fast path warns that nested tensors are a prototype, on every call
+    warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
+    facts = machine()
+    lines = [line for line in args.corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
+    sample = random.Random(0).sample(lines, args.lines)
+    bf16_lines = args.bf16_lines or (args.lines if facts["native_bf16"] else 150)
+    print(f"{facts['cpu']} ({', '.join(facts['simd'])}), {args.threads} threads, torch {facts['torch']}; "
+          f"{len(sample)} lines of {args.corpus.name}", flush=True)
+
+    limits = {}
+    for model, config in (("minilm", ctxvec.load("minilm").encoder.config),
+                          ("seed", ctxvec.EncoderConfig())):
+        for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            limits[(model, precision)] = matmul_limit(config, dtype, reps=5 if precision == "fp32" else 2)
+    print("matmul limits (GFLOP/s):", {f"{m} {p}": round(v, 1) for (m, p), v in limits.items()}, flush=True)
+
+    systems = minilm_systems(sample, sample[:bf16_lines]) + seed_systems(sample[: args.seed_lines])
+    time_systems(systems, args.rounds, slow_rounds=1)
+    checks = check_outputs(systems)
+    configs = {"minilm": ctxvec.load("minilm").encoder.config, "seed": ctxvec.EncoderConfig()}
+
+    rows = []
+    for s in systems:
+        t = statistics.median(s.times)
+        flops = inference_flops(configs[s.model], s.lengths)
+        gflops = flops / t / 1e9
+        rows.append({
+            "system": s.name, "model": s.model, "precision": s.precision, "lines": s.lines,
+            "rounds": len(s.times), "median_s": t, "sentences_per_s": s.lines / t,
+            "tokens_per_s": sum(s.lengths) / t, "gflops": gflops,
+            "matmul_limit_gflops": limits[(s.model, s.precision)],
+            "fraction_of_limit": gflops / limits[(s.model, s.precision)],
+            "padding_ratio": 1 - sum(s.lengths) / s.padded_slots, "peak_mb": s.peak_mb,
+            "check": checks[s.name], "times": s.times,
+        })
+    by = {r["system"]: r for r in rows}
+
+    def ratio(a, b):
+        return by[a]["sentences_per_s"] / by[b]["sentences_per_s"]
+
+    ratios = {
+        "ctxvec fp32 / sentence-transformers fp32": ratio("ctxvec fp32", "sentence-transformers fp32"),
+        "ctxvec bf16 / sentence-transformers fp32": ratio("ctxvec bf16", "sentence-transformers fp32"),
+        "ctxvec bf16 / sentence-transformers bf16": ratio("ctxvec bf16", "sentence-transformers bf16"),
+        "ctxvec fp32 / HF BertModel unsorted": ratio("ctxvec fp32", "HF BertModel fp32, unsorted batches of 32"),
+        "seed: ctxvec / nn.TransformerEncoder, same batches":
+            ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, same batches"),
+        "seed: ctxvec / nn.TransformerEncoder, unsorted":
+            ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, unsorted batches of 32"),
+    }
+    result = {"machine": facts, "threads": args.threads, "corpus": args.corpus.name, "lines": args.lines,
+              "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
+              "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
+              "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()}, "systems": rows, "ratios": ratios}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "bench_encode.json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    (args.out / "bench_encode.md").write_text(md)
+    if not args.no_update:
+        replace_between(ROOT / "BENCHMARKS.md", "<!-- bench_encode:start -->", "<!-- bench_encode:end -->", md)
+    print(md)
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = [f"Machine: {m['cpu']} ({', '.join(m['simd'])}; native bf16: {'yes' if m['native_bf16'] else 'no'}), "
+           f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}.",
+           f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM), the first {r['seed_lines']} of them "
+           f"(seed config), the first {r['bf16_lines']} for bf16; median of {r['rounds']} rounds "
+           f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, {r['batch_tokens']} tokens.",
+           "Matmul limit: the model's own GEMMs (QKV, out, FFN) at 1024 tokens, measured in the same run: "
+           + ", ".join(f"{k} {v:.1f} GFLOP/s" for k, v in r["matmul_limits"].items()) + ".",
+           "",
+           "| system | precision | sentences/s | tokens/s | GFLOP/s | of matmul limit | padding in batches | peak MB | output check |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    for s in r["systems"]:
+        out.append(f"| {s['system']} ({s['model']}) | {s['precision']} | {s['sentences_per_s']:.1f} | "
+                   f"{s['tokens_per_s']:.0f} | {s['gflops']:.1f} | {100 * s['fraction_of_limit']:.0f}% | "
+                   f"{100 * s['padding_ratio']:.0f}% | {s['peak_mb']:.0f} | {s['check']} |")
+    out += ["", "| ratio (sentences/s) | value |", "|---|---:|"]
+    out += [f"| {k} | {v:.2f}x |" for k, v in r["ratios"].items()]
+    return "\n".join(out) + "\n"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Shared helpers for the benchmark scripts: machine facts, memory, FLOPs, matmul limits."""
+
+from __future__ import annotations
+
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ctxvec.config import EncoderConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_WEB = ROOT.parent / "shared" / "data" / "web_en.txt"
+
+
+def machine() -> dict:
+    cpu = "unknown"
+    flags: set[str] = set()
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        cpu = re.search(r"model name\s*:\s*(.*)", info).group(1).strip()
+        flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
+    except (OSError, AttributeError):
+        pass
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
+    return {"cpu": cpu, "simd": simd, "cores": torch.get_num_threads(), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
+def reset_peak_rss() -> int:
+    """Reset the kernel's high-water mark of this process's RSS; return the current RSS (bytes)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status_kb("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    return _status_kb("VmHWM") * 1024
+
+
+def _status_kb(field: str) -> int:
+    match = re.search(rf"{field}:\s*(\d+) kB", Path("/proc/self/status").read_text())
+    return int(match.group(1)) if match else 0
+
+
+def stack_params(config: EncoderConfig) -> int:
+    """Parameters of the layer stack that matmuls touch (weights only)."""
+    d, f = config.d_model, config.d_ff
+    return config.n_layers * (4 * d * d + 2 * d * f)
+
+
+def inference_flops(config: EncoderConfig, lengths) -> float:
+    """Useful FLOPs to encode texts of these lengths: 2N per token + 4 L d T per token (attention)."""
+    n = stack_params(config)
+    return float(sum(2 * n * t + 4 * config.n_layers * config.d_model * t * t for t in lengths))
+
+
+def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 5) -> float:
+    """Measured GFLOP/s of the model's own GEMMs (QKV, out, FFN up, FFN down) at ``rows`` tokens."""
+    d, f = config.d_model, config.d_ff
+    shapes = [(d, 3 * d), (d, d), (d, f), (f, d)]
+    xs = {k: torch.randn(rows, k, dtype=dtype) for k in {d, f}}
+    ws = [(torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)) for k, n in shapes]
+    flops = sum(2 * rows * k * n for k, n in shapes)
+
+    def once() -> None:
+        for (k, _), (w, b) in zip(shapes, ws):
+            F.linear(xs[k], w, b)
+
+    with torch.inference_mode():
+        once()
+        times = []
+        for _ in range(reps):
+            start = time.perf_counter()
+            once()
+            times.append(time.perf_counter() - start)
+    return flops / statistics.median(times) / 1e9
+
+
+def replace_between(path: Path, start: str, end: str, body: str) -> None:
+    """Put ``body`` between two marker lines of a Markdown file (appending them if absent)."""
+    text = path.read_text(encoding="utf-8") if path.exists() else ""
+    block = f"{start}\n{body.rstrip()}\n{end}"
+    if start in text and end in text:
+        text = text[: text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + ("\n\n" if text else "") + block + "\n"
+    path.write_text(text, encoding="utf-8")

@@ -1,0 +1,34 @@
+"""How the encoder runs: numeric precision and CPU threads."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """"fp32" (exact: the reference libraries' numbers) or "bf16" (faster where the CPU has it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix multiplies run natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for PyTorch's kernels (None: leave PyTorch's choice)."""
+    if threads is None:
+        return
+    if not isinstance(threads, int) or isinstance(threads, bool) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    torch.set_num_threads(threads)
