@@ -210,3 +210,15 @@ def test_ctxvec_folder_round_trip(tmp_path, pipeline):
     texts = ["my name is aj", "word " * 300]
     assert np.array_equal(again.embed(texts), pipeline.embed(texts))
     assert again.max_len == 256 and again.pooling.normalize
+
+
+@pytest.mark.parametrize("precision", ["bf16"])
+def test_bf16_is_close_to_fp32_and_batch_independent(pipeline, precision):
+    low = load("minilm", precision=precision)
+    reference = pipeline.embed(TEXTS)
+    vectors = low.embed(TEXTS)
+    assert vectors.dtype == np.float32
+    cosine = (vectors * reference).sum(1) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(reference, axis=1)
+    assert cosine.min() >= 0.999
+    alone = low.embed([TEXTS[2]])[0]
+    assert (alone @ vectors[2]) / np.linalg.norm(alone) / np.linalg.norm(vectors[2]) >= 0.9999

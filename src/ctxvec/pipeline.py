@@ -18,7 +18,7 @@ import torch
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pooling import Pooling
-from ctxvec.runtime import native_bf16, precision_dtype
+from ctxvec.runtime import native_bf16, precision_dtype, release_memory
 from ctxvec.tokenizer import Encoded, Tokenizer
 
 # Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
@@ -157,6 +157,7 @@ class Pipeline:
                 batch = self.tokenizer.pad([encoded[i] for i in indices])
                 hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
                 yield indices, hidden.float(), batch.attention_mask
+        release_memory()
 
     def encode(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                strict: bool = False) -> list[TokenVectors]:
