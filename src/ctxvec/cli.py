@@ -192,5 +192,74 @@ def train_tokenizer(corpus: tuple[Path, ...], output: Path, vocab_size: int, min
     click.echo(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens -> {output}")
 
 
+@main.command()
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", "run", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoints, metrics.jsonl, and the trained model.")
+@click.option("--config", "preset", default="small", show_default=True,
+              help="small (4 x 256), seed (12 x 512), or an EncoderConfig JSON file.")
+@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+              help="A tokenizer.json to use (default: train a WordPiece one on the training split).")
+@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
+              help="Tokens per optimizer step, over all processes.")
+@click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)
+@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
+@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
+@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (runs torchrun for you); for several machines, run "
+                   "torchrun yourself (see the README).")
+def train(corpus, run, preset, tokenizer, steps, batch_tokens, seq_len, grad_accum, lr, warmup, precision,
+          eval_every, save_every, seed, threads, resume, nproc) -> None:
+    """Masked-LM pretraining of an encoder on CORPUS text files."""
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        import subprocess
+
+        args = sys.argv[1:]  # this command line, less --nproc, for each process
+        if "--nproc" in args:
+            del args[args.index("--nproc"):args.index("--nproc") + 2]
+        args = [a for a in args if not a.startswith("--nproc=")]
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+                   "-m", "ctxvec", *args]
+        raise SystemExit(subprocess.call(command))
+    from ctxvec.train import Trainer, TrainConfig
+
+    set_threads(threads)
+    try:
+        cfg = TrainConfig(steps=steps, batch_tokens=batch_tokens, seq_len=seq_len, grad_accum=grad_accum,
+                          lr=lr, warmup=warmup, precision=precision, eval_every=eval_every,
+                          save_every=save_every, seed=seed)
+        trainer = Trainer(list(corpus), run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
+                          resume=resume)
+        result = trainer.run()
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    if trainer.d.main:
+        click.echo(f"trained to step {trainer.step}: held-out loss {result.get('eval_loss', float('nan')):.4f}, "
+                   f"perplexity {result.get('eval_perplexity', float('nan')):.1f}; model in {run}/")
+
+
+@main.command()
+@click.argument("run", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="PNG file (default: RUN/loss.png).")
+def plot(run: Path, output: Path | None) -> None:
+    """Draw a run's training and held-out loss curves to a PNG."""
+    from ctxvec.plotting import plot_run
+
+    try:
+        path = plot_run(run, output)
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    click.echo(f"wrote {path}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -1,0 +1,56 @@
+"""Learning the embeddings by backprop: the encoder with a masked-language-model head.
+
+The head predicts only at the chosen positions (15% of tokens), so the (V x D) output
+projection costs 15% of a dense one. Its output matrix is the token embedding itself (tied).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ctxvec.config import EncoderConfig
+from ctxvec.encoder import Encoder, init_weights
+
+
+@dataclass
+class MaskedLMOutput:
+    loss_sum: torch.Tensor  # summed cross-entropy over the chosen positions (a scalar)
+    n_predicted: int  # how many positions were chosen
+    logits: torch.Tensor  # (n_predicted, V)
+
+
+class MaskedLMHead(nn.Module):
+    """D -> D, GELU, LayerNorm, then scores over the vocabulary with the tied embedding."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.d_model, config.d_model)
+        self.norm = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
+        """hidden: (M, D); embedding: the encoder's (V, D) token table. Returns (M, V) scores."""
+        x = self.norm(F.gelu(self.dense(hidden)))  # (M, D)
+        return F.linear(x, embedding, self.bias)  # (M, V)
+
+
+class MaskedLanguageModel(nn.Module):
+    """``Encoder`` + ``MaskedLMHead``; ``forward`` returns the summed loss at chosen positions."""
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.encoder = Encoder(config)
+        self.head = MaskedLMHead(config)
+        self.head.dense.apply(init_weights)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor,
+                attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
+        """input_ids, labels, chosen (bool), attention_mask: (B, T)."""
+        hidden = self.encoder(input_ids, attention_mask).last_hidden_state  # (B, T, D)
+        logits = self.head(hidden[chosen], self.encoder.embeddings.tokens.weight)  # (M, V), chosen only
+        loss_sum = F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
+        return MaskedLMOutput(loss_sum, int(chosen.sum()), logits)

@@ -1,0 +1,47 @@
+"""Loss curves of a training run (``metrics.jsonl``) as a PNG."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def read_metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss by step, held-out loss by step); a step logged twice keeps its last value."""
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        raise ValueError(f"{run} has no metrics.jsonl: is it a training run folder?")
+    train, held = {}, {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        record = json.loads(line)
+        if "loss" in record:
+            train[record["step"]] = record["loss"]
+        if "eval_loss" in record:
+            held[record["step"]] = record["eval_loss"]
+    return train, held
+
+
+def plot_run(run: Path, output: Path | None = None) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train, held = read_metrics(run)
+    if not train and not held:
+        raise ValueError(f"{run / 'metrics.jsonl'} holds no losses yet.")
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(list(train), list(train.values()), lw=1, alpha=0.8, label="training loss (masked tokens)")
+    if held:
+        ax.plot(list(held), list(held.values()), "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("masked-LM cross-entropy (nats)")
+    ax.set_title(f"ctxvec masked-LM training: {run.name or run}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    output = output or run / "loss.png"
+    fig.tight_layout()
+    fig.savefig(output)
+    plt.close(fig)
+    return output

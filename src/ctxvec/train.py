@@ -1,0 +1,333 @@
+"""Masked-LM pretraining: one process or many (``torchrun``), exact resume, crash-safe saves.
+
+The run folder is also a model: ``ctxvec.json``, ``model.safetensors`` and ``tokenizer.json``
+at its top are what ``ctxvec.load("run/")`` reads; ``checkpoints/`` holds the training state
+(weights, AdamW moments, step, every RNG state) and ``metrics.jsonl`` the curves.
+
+Determinism: the data order of an epoch, and the masks of a step, are functions of
+(seed, epoch) and (seed, step, sequence); the scheduler is a function of the step; the RNG
+states that dropout draws from are saved. Hence k steps + resume + (N - k) steps equals N
+steps straight, bit for bit on CPU in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+
+from ctxvec.checkpoint import (
+    atomic_save_tensors, atomic_write_text, load_checkpoint, optimizer_from_tensors,
+    optimizer_to_tensors, save_checkpoint)
+from ctxvec.config import EncoderConfig
+from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
+from ctxvec.mlm import MaskedLanguageModel
+from ctxvec.models import CTXVEC_CONFIG
+from ctxvec.pretrained import WEIGHTS_FILE
+from ctxvec.runtime import precision_dtype
+from ctxvec.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
+
+PRESETS = {
+    "small": dict(d_model=256, n_heads=4, d_ff=1024, n_layers=4),
+    "seed": {},  # the seed's defaults: 512 / 8 / 1024 / 12
+}
+
+
+@dataclass
+class TrainConfig:
+    """How to train (the model's shape is an ``EncoderConfig``)."""
+
+    steps: int = 1000
+    batch_tokens: int = 4096  # tokens per optimizer step, over all processes and micro-batches
+    seq_len: int = 128
+    grad_accum: int = 1  # micro-batches per optimizer step (per process)
+    lr: float = 5e-4
+    warmup: int = 100  # linear warm-up steps, then linear decay to 0 at `steps`
+    weight_decay: float = 0.01
+    clip: float = 1.0
+    mask_probability: float = 0.15
+    eval_fraction: float = 0.05  # documents held out
+    eval_every: int = 100
+    eval_sequences: int = 256
+    save_every: int = 200
+    seed: int = 0
+    precision: str = "fp32"
+    doc_lines: int = 100
+    vocab_size: int = 8000  # when the tokenizer is trained here
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_tokens", "seq_len", "grad_accum", "eval_every", "save_every",
+                     "eval_sequences", "doc_lines", "vocab_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.seq_len < 8:
+            raise ValueError("seq_len must be at least 8.")
+        if not (self.lr > 0 and self.clip > 0 and 0 <= self.warmup):
+            raise ValueError("lr and clip must be positive and warmup non-negative.")
+        precision_dtype(self.precision)
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - self.warmup))
+
+
+# ---- processes ------------------------------------------------------------------------------
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world > 1:
+            dist.barrier()
+
+    def sum(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+        return value
+
+
+def setup_distributed() -> Dist:
+    """Join the ``torchrun`` group if there is one: NCCL with CUDA, gloo on CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return Dist()
+    cuda = torch.cuda.is_available()
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if cuda else "gloo")
+    return Dist(dist.get_rank(), dist.get_world_size(), device)
+
+
+# ---- the run --------------------------------------------------------------------------------
+
+def model_config(preset: str, tokenizer: Tokenizer, seq_len: int) -> EncoderConfig:
+    if preset in PRESETS:
+        base = EncoderConfig(**PRESETS[preset])
+    elif Path(preset).is_file():
+        base = EncoderConfig.load(preset)
+    else:
+        raise ValueError(f"unknown --config {preset!r}: use {', '.join(PRESETS)} or a JSON file.")
+    return base.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
+                        max_len=max(base.max_len, seq_len))
+
+
+def prepare_tokenizer(run: Path, corpus: list, tokenizer_path: str | None, cfg: TrainConfig, d: Dist) -> Tokenizer:
+    target = run / "tokenizer.json"
+    if d.main and not target.is_file():
+        if tokenizer_path:
+            tokenizer = Tokenizer.load(tokenizer_path)
+        else:
+            texts = [line for document in corpus for line in document]
+            tokenizer = Tokenizer.train(texts=texts, vocab_size=cfg.vocab_size)
+        tokenizer.save(target)
+    d.barrier()
+    return Tokenizer.load(target, max_len=cfg.seq_len)
+
+
+def export_model(run: Path, model: MaskedLanguageModel, tokenizer: Tokenizer, cfg: TrainConfig) -> None:
+    """The run folder's top: a model that ``ctxvec.load(run)`` reads (mean pooling)."""
+    state = {k: v.float() for k, v in model.encoder.state_dict().items()}
+    atomic_save_tensors(run / WEIGHTS_FILE, state)
+    meta = {"encoder": model.encoder.config.to_dict(), "max_len": cfg.seq_len,
+            "pooling": {"mode": "mean", "normalize": False},
+            "description": f"masked-LM encoder trained by ctxvec ({run})"}
+    atomic_write_text(run / CTXVEC_CONFIG, json.dumps(meta, indent=2) + "\n")
+
+
+class Trainer:
+    """Everything a training run needs, built once; ``run()`` trains to ``cfg.steps``."""
+
+    def __init__(self, corpus: list[str | Path], run: str | Path, cfg: TrainConfig, preset: str = "small",
+                 tokenizer: str | None = None, resume: bool = False, progress: bool = True) -> None:
+        self.d = setup_distributed()
+        self.run_dir = Path(run)
+        self.cfg = cfg
+        self.progress = progress
+        if self.d.main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.d.barrier()
+        existing = load_checkpoint(self.run_dir)
+        if existing is not None and not resume:
+            raise ValueError(f"{self.run_dir} already holds a training run; pass --resume to continue it, "
+                             "or choose another --out.")
+        documents = read_documents(corpus, cfg.doc_lines)
+        train_docs, eval_docs = split_documents(documents, cfg.eval_fraction, cfg.seed)
+        self.tokenizer = prepare_tokenizer(self.run_dir, train_docs, tokenizer, cfg, self.d)
+        self.train_seqs = pack_sequences(self.tokenizer, train_docs, cfg.seq_len)
+        self.eval_seqs = pack_sequences(self.tokenizer, eval_docs, cfg.seq_len)[: cfg.eval_sequences]
+        per_step = cfg.batch_tokens // cfg.seq_len
+        if per_step < 1 or per_step % (self.d.world * cfg.grad_accum):
+            raise ValueError(f"batch_tokens // seq_len = {per_step} sequences per step must be a positive "
+                             f"multiple of processes x grad_accum = {self.d.world * cfg.grad_accum}.")
+        if len(self.train_seqs) < per_step or len(self.eval_seqs) == 0:
+            raise ValueError(f"the corpus is too small: {len(self.train_seqs)} training and "
+                             f"{len(self.eval_seqs)} held-out sequences of {cfg.seq_len} tokens.")
+        self.per_step = per_step
+        self.masking = Masking.for_tokenizer(self.tokenizer, cfg.mask_probability)
+        self.config = model_config(preset, self.tokenizer, cfg.seq_len)
+
+        torch.manual_seed(cfg.seed)  # the same initial weights on every process
+        self.model = MaskedLanguageModel(self.config).to(self.d.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        torch.manual_seed(cfg.seed + 1 + self.d.rank)  # dropout: a stream per process
+        self.step = 0
+        if existing is not None:
+            self._restore(*existing)
+        self.ddp = (DistributedDataParallel(self.model) if self.d.world > 1 else None)
+
+    # -- data --
+    def batch_indices(self, step: int) -> np.ndarray:
+        """This step's sequences, by global index: an epoch's permutation, sliced."""
+        per_epoch = len(self.train_seqs) // self.per_step
+        epoch, slot = divmod(step, per_epoch)
+        order = np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.train_seqs))
+        return order[slot * self.per_step:(slot + 1) * self.per_step]
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        """This process's micro-batches: rank r takes every world-th slice (disjoint per rank)."""
+        indices = self.batch_indices(step).reshape(self.cfg.grad_accum, self.d.world, -1)[:, self.d.rank]
+        out = []
+        for idx in indices:
+            inputs, labels, chosen = self.masking(self.train_seqs[idx], idx, self.cfg.seed, step)
+            out.append(tuple(torch.from_numpy(a).to(self.d.device) for a in (inputs, labels, chosen)))
+        return out
+
+    def autocast(self):
+        if self.cfg.precision == "bf16":
+            return torch.autocast(self.d.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    # -- one step --
+    def train_step(self) -> dict:
+        model = self.ddp or self.model
+        model.train()
+        batches = self.micro_batches(self.step)
+        n_global = self.d.sum(torch.tensor(float(sum(int(c.sum()) for _, _, c in batches)))).item()
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.cfg.lr_at(self.step)
+        loss_sum = torch.zeros(())
+        for m, (inputs, labels, chosen) in enumerate(batches):
+            sync = contextlib.nullcontext() if (self.ddp is None or m == len(batches) - 1) else self.ddp.no_sync()
+            with sync:
+                with self.autocast():
+                    out = model(inputs, labels, chosen)
+                # the loss of the whole step is sum / n_global; DDP averages over processes
+                (out.loss_sum * (self.d.world / max(n_global, 1.0))).backward()
+            loss_sum += out.loss_sum.detach().float().cpu()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        loss = (self.d.sum(loss_sum) / max(n_global, 1.0)).item()
+        return {"step": self.step, "loss": loss, "lr": self.cfg.lr_at(self.step - 1),
+                "grad_norm": float(grad_norm), "masked_tokens": int(n_global)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        shard = np.arange(len(self.eval_seqs))[self.d.rank::self.d.world]
+        total, count = torch.zeros(()), torch.zeros(())
+        for start in range(0, len(shard), self.per_step):
+            idx = shard[start:start + self.per_step]
+            arrays = self.masking(self.eval_seqs[idx], idx, self.cfg.seed, 2**31)  # fixed masks
+            inputs, labels, chosen = (torch.from_numpy(a).to(self.d.device) for a in arrays)
+            with self.autocast():
+                out = self.model(inputs, labels, chosen)
+            total += out.loss_sum.float().cpu()
+            count += out.n_predicted
+        loss = (self.d.sum(total) / self.d.sum(count).clamp(min=1)).item()
+        return {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    # -- saving --
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        state = torch.get_rng_state()
+        if self.d.world > 1:
+            gathered = [torch.empty_like(state) for _ in range(self.d.world)]
+            dist.all_gather(gathered, state)
+        else:
+            gathered = [state]
+        return {f"torch.{r}": s for r, s in enumerate(gathered)}
+
+    def save(self) -> None:
+        rng = self._rng_states()  # every process takes part in the gather
+        if self.d.main:
+            opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
+            meta = {"step": self.step, "world": self.d.world, "train": asdict(self.cfg),
+                    "model": self.config.to_dict(), "optimizer": opt_meta,
+                    "epoch": self.step // (len(self.train_seqs) // self.per_step)}
+            save_checkpoint(self.run_dir, self.step,
+                            {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng}, meta)
+            export_model(self.run_dir, self.model, self.tokenizer, self.cfg)
+        self.d.barrier()
+
+    def _restore(self, step: int, tensors: dict, meta: dict) -> None:
+        if meta["model"] != self.config.to_dict():
+            raise ValueError("the checkpoint's model config differs from this run's; resume with the same --config.")
+        if meta["world"] != self.d.world:
+            raise ValueError(f"the checkpoint was written by {meta['world']} process(es); resume with as many.")
+        self.model.load_state_dict(tensors["model"], strict=True)
+        optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
+        torch.set_rng_state(tensors["rng"][f"torch.{self.d.rank}"])
+        self.step = step
+
+    def log(self, record: dict) -> None:
+        if self.d.main:
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # -- the loop --
+    def run(self) -> dict:
+        from tqdm import tqdm
+
+        cfg = self.cfg
+        if self.step == 0:
+            self.log({"event": "start", "train_sequences": len(self.train_seqs),
+                      "eval_sequences": len(self.eval_seqs), "processes": self.d.world,
+                      "model": self.config.to_dict(), "train": asdict(cfg)})
+            self.log(self.evaluate())
+        bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and self.d.main),
+                   dynamic_ncols=True)
+        last = {}
+        while self.step < cfg.steps:
+            start = time.perf_counter()
+            record = self.train_step()
+            record["tokens_per_s"] = self.per_step * cfg.seq_len / (time.perf_counter() - start)
+            self.log(record)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                            lr=f"{record['lr']:.2e}")
+            bar.update(1)
+            if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
+                last = self.evaluate()
+                self.log(last)
+                if self.d.main and self.progress:
+                    bar.write(f"step {self.step}: held-out loss {last['eval_loss']:.4f}, "
+                              f"perplexity {last['eval_perplexity']:.1f}")
+            if self.step % cfg.save_every == 0 or self.step == cfg.steps:
+                self.save()
+        bar.close()
+        return last

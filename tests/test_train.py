@@ -1,0 +1,258 @@
+"""Masked-LM training: masking, exact resume, crash-safe checkpoints, many processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from ctxvec.checkpoint import load_checkpoint
+from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
+from ctxvec.models import seed_tokenizer
+from ctxvec.train import Trainer, TrainConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+WORDS = ("the earth was formless and empty darkness was on the surface of the deep and god said let "
+         "there be light and there was light god saw the light and saw that it was good").split()
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(5, 15))) for _ in range(600)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def tokenizer_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    seed_tokenizer().save(path)
+    return path
+
+
+TINY = dict(steps=6, batch_tokens=8 * 32, seq_len=32, warmup=2, eval_every=3, save_every=3,
+            eval_sequences=16, doc_lines=20)
+
+
+def tiny_config_file(tmp_path: Path, dropout: float) -> str:
+    path = tmp_path / "tiny.json"
+    path.write_text(json.dumps({"d_model": 32, "n_heads": 4, "d_ff": 64, "n_layers": 2, "dropout": dropout}))
+    return str(path)
+
+
+def losses(run: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in records if "loss" in r}
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run / "model.safetensors"))
+
+
+# ---- data and masking -----------------------------------------------------------------------
+
+def test_documents_split_whole(corpus):
+    docs = read_documents([corpus], doc_lines=20)
+    assert len(docs) == 30 and all(len(d) == 20 for d in docs)
+    train, held = split_documents(docs, 0.1, seed=0)
+    assert len(held) == 3 and len(train) == 27
+    assert not {tuple(d) for d in train} & {tuple(d) for d in held}
+
+
+def test_blank_lines_separate_documents(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("a b\nc d\n\ne f\n\n\ng h\n")
+    assert read_documents([path]) == [["a b", "c d"], ["e f"], ["g h"]]
+
+
+def test_sequences_are_full_length_with_special_tokens(corpus):
+    tok = seed_tokenizer()
+    seqs = pack_sequences(tok, read_documents([corpus], 20), 32)
+    assert seqs.shape[1] == 32 and len(seqs) > 50
+    assert (seqs[:, 0] == tok.token_to_id("[CLS]")).all() and (seqs[:, -1] == tok.token_to_id("[SEP]")).all()
+
+
+def test_masking_rates_and_determinism(corpus):
+    tok = seed_tokenizer()
+    seqs = pack_sequences(tok, read_documents([corpus], 20), 32)
+    masking = Masking.for_tokenizer(tok)
+    idx = np.arange(len(seqs))
+    inputs, labels, chosen = masking(seqs, idx, seed=0, step=5)
+    assert np.array_equal(labels, seqs)
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()  # special tokens are never chosen
+    rate = chosen.mean() * 32 / 30
+    assert 0.12 < rate < 0.18
+    masked = (inputs == masking.mask_id)[chosen].mean()
+    kept = (inputs == seqs)[chosen].mean()
+    assert 0.74 < masked < 0.86 and 0.06 < kept < 0.16
+    assert (inputs[~chosen] == seqs[~chosen]).all()
+    again = masking(seqs[::-1], idx[::-1], seed=0, step=5)[0][::-1]  # same masks in any grouping
+    assert np.array_equal(again, inputs)
+    assert not np.array_equal(masking(seqs, idx, seed=0, step=6)[0], inputs)
+
+
+# ---- training --------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_the_run_is_a_model(tmp_path, corpus, tokenizer_file):
+    import ctxvec
+
+    cfg = TrainConfig(**{**TINY, "steps": 30, "lr": 3e-3, "eval_every": 30, "save_every": 30})
+    trainer = Trainer([corpus], tmp_path / "run", cfg, preset=tiny_config_file(tmp_path, 0.0),
+                      tokenizer=str(tokenizer_file), progress=False)
+    result = trainer.run()
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r["eval_loss"] for r in records if "eval_loss" in r]
+    assert evals[-1] < evals[0] - 1.0
+    assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]))
+    pipeline = ctxvec.load(tmp_path / "run")
+    assert pipeline.encode(["the earth was good"])[0].vectors.shape == (6, 32)
+
+
+@pytest.mark.slow
+def test_exact_resume_equals_straight_run(tmp_path, corpus, tokenizer_file):
+    """N steps straight == k steps + resume + N - k steps, bit for bit (CPU, fp32, dropout on)."""
+    config = tiny_config_file(tmp_path, dropout=0.1)
+    cfg = TrainConfig(**TINY)
+    Trainer([corpus], tmp_path / "straight", cfg, preset=config, tokenizer=str(tokenizer_file), progress=False).run()
+    Trainer([corpus], tmp_path / "resumed", TrainConfig(**{**TINY, "steps": 3}), preset=config,
+            tokenizer=str(tokenizer_file), progress=False).run()
+    Trainer([corpus], tmp_path / "resumed", cfg, preset=config, tokenizer=str(tokenizer_file),
+            resume=True, progress=False).run()
+    a, b = losses(tmp_path / "straight"), losses(tmp_path / "resumed")
+    assert a == b and len(a) == 6
+    wa, wb = weights(tmp_path / "straight"), weights(tmp_path / "resumed")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    _, ta, _ = load_checkpoint(tmp_path / "straight")
+    _, tb, _ = load_checkpoint(tmp_path / "resumed")
+    assert all(torch.equal(ta["optimizer"][k], tb["optimizer"][k]) for k in ta["optimizer"])
+
+
+def test_an_existing_run_needs_resume(tmp_path, corpus, tokenizer_file):
+    cfg = TrainConfig(**{**TINY, "steps": 3})
+    config = tiny_config_file(tmp_path, 0.0)
+    Trainer([corpus], tmp_path / "run", cfg, preset=config, tokenizer=str(tokenizer_file), progress=False).run()
+    with pytest.raises(ValueError, match="--resume"):
+        Trainer([corpus], tmp_path / "run", cfg, preset=config, tokenizer=str(tokenizer_file), progress=False)
+
+
+CHILD = textwrap.dedent("""
+    import sys, time
+    import ctxvec.checkpoint as ck
+    from ctxvec.train import Trainer, TrainConfig
+    real = ck._fsync_file
+    saves = []
+    def slow(path):
+        real(path)
+        if "step-00000004" in str(path):
+            print("SAVING", flush=True)
+            time.sleep(60)
+    ck._fsync_file = slow
+    cfg = TrainConfig(steps=6, batch_tokens=256, seq_len=32, warmup=2, eval_every=100, save_every=2,
+                      eval_sequences=16, doc_lines=20)
+    Trainer([sys.argv[1]], sys.argv[2], cfg, preset=sys.argv[3], tokenizer=sys.argv[4], progress=False).run()
+""")
+
+
+def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus, tokenizer_file):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", CHILD, str(corpus), str(run),
+                             tiny_config_file(tmp_path, 0.1), str(tokenizer_file)],
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "SAVING"  # in the middle of writing step 4
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+        proc.stdout.close()
+    step, tensors, meta = load_checkpoint(run)
+    assert step == 2 and meta["step"] == 2
+    assert set(tensors) == {"model", "optimizer", "rng"}
+    # and training resumes from it
+    cfg = TrainConfig(steps=4, batch_tokens=256, seq_len=32, warmup=2, eval_every=100, save_every=2,
+                      eval_sequences=16, doc_lines=20)
+    trainer = Trainer([corpus], run, cfg, preset=tiny_config_file(tmp_path, 0.1),
+                      tokenizer=str(tokenizer_file), resume=True, progress=False)
+    assert trainer.step == 2
+    trainer.run()
+    assert load_checkpoint(run)[0] == 4
+
+
+def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_file, monkeypatch):
+    import errno
+
+    import ctxvec.checkpoint as ck
+
+    run = tmp_path / "run"
+    config = tiny_config_file(tmp_path, 0.0)
+    cfg = TrainConfig(**{**TINY, "steps": 3})
+    Trainer([corpus], run, cfg, preset=config, tokenizer=str(tokenizer_file), progress=False).run()
+    real = ck.save_file
+
+    def disk_full(tensors, path, metadata=None):
+        if "optimizer" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tensors, path, metadata=metadata)
+
+    monkeypatch.setattr(ck, "save_file", disk_full)
+    trainer = Trainer([corpus], run, TrainConfig(**{**TINY, "steps": 6}), preset=config,
+                      tokenizer=str(tokenizer_file), resume=True, progress=False)
+    with pytest.raises(OSError, match="No space left"):
+        trainer.run()
+    assert load_checkpoint(run)[0] == 3
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # no debris
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path, corpus, tokenizer_file):
+    """torchrun with 2 processes (gloo) == 1 process with the same global batch, within 1e-6."""
+    config = tiny_config_file(tmp_path, dropout=0.0)
+    common = [str(corpus), "--config", config, "--tokenizer", str(tokenizer_file), "--steps", "5",
+              "--batch-tokens", "256", "--seq-len", "32", "--warmup", "2", "--eval-every", "5",
+              "--save-every", "5", "--threads", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "ctxvec", "train", *common, "--out", str(tmp_path / "one")],
+                         capture_output=True, text=True, env=env)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "ctxvec", "train", *common, "--out", str(tmp_path / "two")],
+                         capture_output=True, text=True, env=env)
+    assert two.returncode == 0, two.stderr
+    a, b = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert a.keys() == b.keys() and len(a) == 5
+    assert max(abs(a[k] - b[k]) for k in a) < 1e-6
+    meta = json.loads((tmp_path / "two" / "checkpoints" / "step-00000005" / "state.json").read_text())
+    assert meta["world"] == 2
+
+
+def test_ranks_see_disjoint_data(tmp_path, corpus, tokenizer_file):
+    trainer = Trainer([corpus], tmp_path / "run", TrainConfig(**TINY), preset=tiny_config_file(tmp_path, 0.0),
+                      tokenizer=str(tokenizer_file), progress=False)
+    idx = trainer.batch_indices(0)
+    assert len(set(idx.tolist())) == len(idx)
+    world = 2
+    shards = [set(idx.reshape(1, world, -1)[:, r].ravel().tolist()) for r in range(world)]
+    assert not shards[0] & shards[1] and shards[0] | shards[1] == set(idx.tolist())
+    per_epoch = len(trainer.train_seqs) // trainer.per_step
+    assert not np.array_equal(trainer.batch_indices(0), trainer.batch_indices(per_epoch))  # reshuffled
+
+
+def test_plot(tmp_path, corpus, tokenizer_file):
+    from click.testing import CliRunner
+
+    from ctxvec.cli import main
+
+    Trainer([corpus], tmp_path / "run", TrainConfig(**TINY), preset=tiny_config_file(tmp_path, 0.0),
+            tokenizer=str(tokenizer_file), progress=False).run()
+    result = CliRunner().invoke(main, ["plot", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    png = (tmp_path / "run" / "loss.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
