@@ -17,7 +17,6 @@ to ctxvec fp32. Writes benchmarks/results/bench_encode.{json,md} and updates BEN
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import warnings
@@ -36,7 +35,7 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT, SHARED_WEB, inference_flops, machine, matmul_limit, peak_rss, replace_between, reset_peak_rss)
+    ROOT, SHARED_WEB, inference_flops, machine, matmul_limit, peak_rss, reset_peak_rss, write_results)
 
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
@@ -265,13 +264,7 @@ def main() -> None:
               "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
               "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
               "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()}, "systems": rows, "ratios": ratios}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "bench_encode.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "bench_encode.md").write_text(md)
-    if not args.no_update:
-        replace_between(ROOT / "BENCHMARKS.md", "<!-- bench_encode:start -->", "<!-- bench_encode:end -->", md)
-    print(md)
+    write_results("bench_encode", result, markdown(result), args.out, update=not args.no_update)
 
 
 def markdown(r: dict) -> str:

@@ -85,6 +85,18 @@ def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, re
     return flops / statistics.median(times) / 1e9
 
 
+def write_results(name: str, result: dict, md: str, out: Path, update: bool) -> None:
+    """``out/NAME.json`` and ``out/NAME.md``; with ``update``, the NAME block of BENCHMARKS.md."""
+    import json
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / f"{name}.md").write_text(md)
+    if update:
+        replace_between(ROOT / "BENCHMARKS.md", f"<!-- {name}:start -->", f"<!-- {name}:end -->", md)
+    print(md)
+
+
 def replace_between(path: Path, start: str, end: str, body: str) -> None:
     """Put ``body`` between two marker lines of a Markdown file (appending them if absent)."""
     text = path.read_text(encoding="utf-8") if path.exists() else ""

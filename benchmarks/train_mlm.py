@@ -16,7 +16,6 @@ Writes benchmarks/results/train_mlm.{json,md} and updates BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import subprocess
 import sys
@@ -28,7 +27,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_WEB, machine, replace_between  # noqa: E402
+from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
 
 from ctxvec.config import EncoderConfig  # noqa: E402
 from ctxvec.data import Masking  # noqa: E402
@@ -191,12 +190,7 @@ def main() -> None:
     result = {"machine": facts, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     result["training"] = train_real(args, facts)
     result["throughput"] = throughput(args)
-    (args.out / "train_mlm.json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    (args.out / "train_mlm.md").write_text(md)
-    if not args.no_update:
-        replace_between(ROOT / "BENCHMARKS.md", "<!-- train_mlm:start -->", "<!-- train_mlm:end -->", md)
-    print(md)
+    write_results("train_mlm", result, markdown(result), args.out, update=not args.no_update)
 
 
 if __name__ == "__main__":
