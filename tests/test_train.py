@@ -1,5 +1,6 @@
 """Masked-LM training: masking, exact resume, crash-safe checkpoints, many processes."""
 
+import errno
 import json
 import os
 import signal
@@ -186,9 +187,10 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus, 
     assert load_checkpoint(run)[0] == 4
 
 
-def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_file, monkeypatch):
-    import errno
-
+@pytest.mark.parametrize("error", [(errno.ENOSPC, "No space left on device"),
+                                   (errno.EROFS, "Read-only file system")], ids=["disk-full", "read-only"])
+def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_file, monkeypatch,
+                                                                  error):
     import ctxvec.checkpoint as ck
 
     run = tmp_path / "run"
@@ -199,16 +201,35 @@ def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpu
 
     def disk_full(tensors, path, metadata=None):
         if "optimizer" in str(path):
-            raise OSError(errno.ENOSPC, "No space left on device")
+            raise OSError(*error)
         real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(ck, "save_file", disk_full)
     trainer = Trainer([corpus], run, TrainConfig(**{**TINY, "steps": 6}), preset=config,
                       tokenizer=str(tokenizer_file), resume=True, progress=False)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(OSError, match=error[1]):
         trainer.run()
     assert load_checkpoint(run)[0] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # no debris
+
+
+def test_nan_stops_training_before_the_weights_or_checkpoints_change(tmp_path, corpus, tokenizer_file):
+    from ctxvec.encoder import NonFiniteError
+
+    run = tmp_path / "run"
+    config = tiny_config_file(tmp_path, 0.0)
+    Trainer([corpus], run, TrainConfig(**{**TINY, "steps": 2}), preset=config, tokenizer=str(tokenizer_file),
+            progress=False).run()
+    saved = load_file(str(run / "checkpoints" / "step-00000002" / "model.safetensors"))
+    trainer = Trainer([corpus], run, TrainConfig(**{**TINY, "steps": 4}), preset=config,
+                      tokenizer=str(tokenizer_file), resume=True, progress=False)
+    with torch.no_grad():
+        trainer.model.head.dense.weight[0, 0] = float("nan")  # NaN reaches only the loss
+    with pytest.raises(NonFiniteError, match="step 3: the loss is nan"):
+        trainer.run()
+    assert load_checkpoint(run)[0] == 2
+    after = load_file(str(run / "checkpoints" / "step-00000002" / "model.safetensors"))
+    assert all(torch.equal(saved[k], after[k]) for k in saved)
 
 
 @pytest.mark.slow

@@ -14,19 +14,21 @@ from ctxvec.embedding import (
     one_hot,
     sinusoid_table,
 )
-from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack
+from ctxvec.embedfile import EmbedFileResult, embed_file
+from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack, NonFiniteError
 from ctxvec.layer import EncoderLayer, FeedForward
 from ctxvec.models import load, save_pipeline
 from ctxvec.pipeline import Pipeline, SentenceVectors, TokenVectors
 from ctxvec.pooling import Pooling
+from ctxvec.runtime import set_threads
 from ctxvec.tokenizer import BatchEncoding, Tokenizer
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionOutput", "BatchEncoding", "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer",
+    "AttentionOutput", "BatchEncoding", "EmbedFileResult", "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer",
     "EncoderOutput", "EncoderStack", "FeedForward", "LearnedPositionalEncoding",
-    "MultiHeadSelfAttention", "Pipeline", "Pooling", "SentenceVectors", "SinusoidalPositionalEncoding",
-    "TokenEmbedding", "TokenVectors", "Tokenizer", "attention", "load", "one_hot", "save_pipeline",
-    "sinusoid_table",
+    "MultiHeadSelfAttention", "NonFiniteError", "Pipeline", "Pooling", "SentenceVectors", "SinusoidalPositionalEncoding",
+    "TokenEmbedding", "TokenVectors", "Tokenizer", "attention", "embed_file", "load", "one_hot",
+    "save_pipeline", "set_threads", "sinusoid_table",
 ]

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,11 +13,11 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from ctxvec.embedfile import DEFAULT_CHUNK
 from ctxvec.pipeline import DEFAULT_BATCH_TOKENS
 from ctxvec.runtime import PRECISIONS, set_threads
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
-EMBED_CHUNK = 2048  # texts read, sorted by length and embedded together
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -114,52 +116,61 @@ def _write_vectors(path: Path, results: list, model: str) -> None:
 @click.option("--format", "fmt", type=click.Choice(["auto", "text", "jsonl"]), default="auto",
               show_default=True, help='auto: .jsonl/.ndjson files are JSON lines with a "text" field.')
 @click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run (same file, model and options) from its last finished chunk.")
+@click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
+              help="Texts per chunk: sorted by length and embedded together; the unit of --resume.")
 def embed(file: Path, output: Path, model: str, precision: str, threads: int | None, batch_tokens: int,
-          fmt: str, strict: bool) -> None:
+          fmt: str, strict: bool, resume: bool, chunk_size: int) -> None:
     """Embed FILE, one text per line, into sentence vectors written in input order.
 
-    The file is streamed in chunks (memory stays flat for any size); the output is written to
-    a temporary file beside OUTPUT and renamed into place only when complete.
+    The file is streamed in chunks (memory stays flat for any size). Vectors go to a partial
+    file beside OUTPUT as they are made, which is renamed into place only when complete. If
+    the run is stopped (Ctrl-C, a kill, a crash), run the same command with --resume: the
+    result is identical to an uninterrupted run.
     """
-    from ctxvec.textfile import InputFileError, check_readable, chunks, count_lines, iter_texts
+    from ctxvec.embedfile import EmbedInterrupted, embed_file
+    from ctxvec.textfile import check_readable, count_lines
     from ctxvec.tokenizer import TruncationError
 
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
     try:
         check_readable(file)
-        total = count_lines(file)
         pipeline = _load(model, precision, threads)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.partial")
-    vectors = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(total, pipeline.dim))
-    done, truncated = 0, []
-    try:
-        with tqdm(total=total, unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True) as bar:
-            for chunk in chunks(iter_texts(file, fmt), EMBED_CHUNK):  # type: ignore[arg-type]
-                result = pipeline.embed_with_details(chunk, batch_tokens=batch_tokens, strict=strict)
-                vectors[done : done + len(chunk)] = result.vectors
-                truncated.extend(done + 1 + np.flatnonzero(result.truncated))
-                done += len(chunk)
-                bar.update(len(chunk))
-        if done != total:
-            raise InputFileError(f"{file} changed while it was read ({done} texts, expected {total}).")
-        vectors.flush()
-        del vectors
-        os.replace(tmp, output)
+        bar = tqdm(total=count_lines(file), unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+        with bar, _sigterm_as_interrupt():
+            result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
+                                strict=strict, resume=resume, chunk_size=chunk_size, on_progress=bar.update)
+    except EmbedInterrupted as err:
+        click.echo(f"Error: {err}", err=True)
+        raise SystemExit(130) from None
     except TruncationError as err:
-        tmp.unlink(missing_ok=True)
-        raise click.ClickException(f"{file}, line {done + err.index + 1}: {err.n_tokens} tokens, more "
-                                   f"than the model's limit of {err.max_len} (--strict).") from None
+        raise click.ClickException(f"{file}, line {err.index + 1}: {err.n_tokens} tokens, more than the "
+                                   f"model's limit of {err.max_len} (--strict).") from None
     except (ValueError, OSError) as err:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(str(err)) from None
-    click.echo(f"embedded {done} texts with {pipeline.name} ({precision}) -> {output} ({done} x {pipeline.dim}, float32)")
+    done = result.n_texts
+    resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
+    click.echo(f"embedded {done} texts with {pipeline.name} ({precision}) -> {output} "
+               f"({done} x {pipeline.dim}, float32{resumed})")
+    truncated = result.truncated_lines
     if truncated:
         lines = ", ".join(str(n) for n in truncated[:10]) + (" ..." if len(truncated) > 10 else "")
         click.echo(f"{len(truncated)} text(s) were truncated to {pipeline.max_len} tokens: line(s) {lines}")
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """SIGTERM (a job scheduler stopping us) ends the work like Ctrl-C: cleanly, resumable."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @main.command()

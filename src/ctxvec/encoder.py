@@ -65,6 +65,37 @@ def check_attention_mask(attention_mask: torch.Tensor | None, shape: tuple[int, 
     return attention_mask
 
 
+class NonFiniteError(ValueError):
+    """NaN or inf where real numbers must be: in an input, in the weights, or from an overflow."""
+
+
+def check_finite(values: torch.Tensor, what: str, model: nn.Module, real: torch.Tensor | None = None) -> None:
+    """Raise ``NonFiniteError`` naming the cause if ``values`` holds NaN or inf.
+
+    NaN never passes silently: it would spread into every vector it touches and, through
+    attention, into every token of the text. The check costs one pass over the activations.
+
+    Args:
+        values: (B, T, D) activations, or (N, D) real tokens.
+        what: what ``values`` are, for the message.
+        model: the module whose weights are named if they are the cause.
+        real: (B, T) bool; positions where it is False (padding) are not checked.
+    """
+    finite = torch.isfinite(values)
+    if real is not None:
+        finite |= ~real[..., None]  # (B, T, 1): padding never reaches a real token
+    if bool(finite.all()):
+        return
+    bad = [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
+    if bad:
+        names = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+        raise NonFiniteError(f"{what} holds NaN or inf because the model's weights do: {names}.")
+    first = tuple((~finite).nonzero()[0].tolist())
+    raise NonFiniteError(f"{what} holds NaN or inf (first at index {first}); "
+                         + ("the values overflowed in this precision." if values.dtype in
+                            (torch.float16, torch.bfloat16) else "the input must be finite."))
+
+
 def key_mask_from(attention_mask: torch.Tensor) -> torch.Tensor | None:
     """(B, T) bool real-token mask -> (B, 1, 1, T) "may attend" mask shared by all layers.
 
@@ -121,6 +152,7 @@ class EncoderStack(nn.Module):
         # With padding, the layers work on the real tokens only, packed as (N, D); attention
         # alone unpacks them. Padding positions of the output are then 0.
         packing = TokenPacking.from_mask(mask) if key_mask is not None else None
+        check_finite(hidden_states, "hidden_states", self, mask)
         x = packing.pack(hidden_states) if packing is not None else hidden_states
         unpack = packing.unpack if packing is not None else (lambda t: t)
         all_hidden = [hidden_states] if output_hidden_states else None
@@ -134,6 +166,7 @@ class EncoderStack(nn.Module):
                 all_hidden.append(unpack(x))
             if all_attentions is not None:
                 all_attentions.append(out.attention)
+        check_finite(x, "the encoder's output", self)
         x = unpack(x)
         if all_hidden is not None:
             all_hidden[-1] = x
@@ -214,4 +247,5 @@ class Encoder(nn.Module):
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
                 raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size}).")
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        check_finite(x, "the embeddings", self.embeddings)
         return self.stack(x, attention_mask, output_hidden_states, output_attentions)

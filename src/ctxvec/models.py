@@ -10,13 +10,12 @@ Folder formats:
 from __future__ import annotations
 
 import json
-import os
 from importlib import resources
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
+from ctxvec.checkpoint import atomic_save_tensors, atomic_write, atomic_write_text
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pipeline import Pipeline
@@ -95,15 +94,13 @@ def save_pipeline(pipeline: Pipeline, folder: str | Path, description: str = "")
     """Write ``pipeline`` as a ctxvec folder that ``load(folder)`` reads back exactly."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().contiguous() for k, v in pipeline.encoder.state_dict().items()}
-    tmp = folder / f".{WEIGHTS_FILE}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
-    pipeline.tokenizer.save(folder / "tokenizer.json")
+    # every file atomically (temporary name, fsync, rename): a crash leaves old or new, never half
+    atomic_save_tensors(folder / WEIGHTS_FILE, pipeline.encoder.state_dict())
+    atomic_write(folder / "tokenizer.json", lambda tmp: pipeline.tokenizer.save(tmp))
     meta = {"encoder": pipeline.encoder.config.to_dict(), "max_len": pipeline.max_len,
             "pooling": {"mode": pipeline.pooling.mode, "normalize": pipeline.pooling.normalize},
             "description": description or pipeline.description}
-    (folder / CTXVEC_CONFIG).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+    atomic_write_text(folder / CTXVEC_CONFIG, json.dumps(meta, indent=2) + "\n")
 
 
 def load(name_or_path: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> Pipeline:

@@ -31,6 +31,7 @@ from ctxvec.checkpoint import (
     optimizer_to_tensors, save_checkpoint)
 from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
+from ctxvec.encoder import NonFiniteError
 from ctxvec.mlm import MaskedLanguageModel
 from ctxvec.models import CTXVEC_CONFIG
 from ctxvec.pretrained import WEIGHTS_FILE
@@ -240,10 +241,16 @@ class Trainer:
                 (out.loss_sum * (self.d.world / max(n_global, 1.0))).backward()
             loss_sum += out.loss_sum.detach().float().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        loss = (self.d.sum(loss_sum) / max(n_global, 1.0)).item()
+        if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
+            # stop before the optimizer spreads NaN into the weights; nothing is saved
+            raise NonFiniteError(
+                f"step {self.step + 1}: the loss is {loss} and the gradient norm {float(grad_norm)}; "
+                f"training stopped before updating the weights (the latest checkpoint is intact). "
+                "Try a lower --lr, more --warmup, or --precision fp32.")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        loss = (self.d.sum(loss_sum) / max(n_global, 1.0)).item()
         return {"step": self.step, "loss": loss, "lr": self.cfg.lr_at(self.step - 1),
                 "grad_norm": float(grad_norm), "masked_tokens": int(n_global)}
 
