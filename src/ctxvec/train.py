@@ -18,12 +18,14 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ctxvec.checkpoint import (
@@ -160,11 +162,19 @@ def export_model(run: Path, model: MaskedLanguageModel, tokenizer: Tokenizer, cf
     atomic_write_text(run / CTXVEC_CONFIG, json.dumps(meta, indent=2) + "\n")
 
 
-class Trainer:
-    """Everything a training run needs, built once; ``run()`` trains to ``cfg.steps``."""
+class TrainingRun:
+    """What every ctxvec training shares: processes, the step, AdamW with warm-up and decay,
+    clipping, accumulation, precision, NaN guard, metrics, progress bar, checkpoints, resume.
 
-    def __init__(self, corpus: list[str | Path], run: str | Path, cfg: TrainConfig, preset: str = "small",
-                 tokenizer: str | None = None, resume: bool = False, progress: bool = True) -> None:
+    A task (masked-LM pretraining, translation) subclasses it and supplies the data and the
+    loss: ``micro_batches(step)``, ``count(batch)`` (predicted tokens), ``tokens(batch)``,
+    ``loss_sum(model, batch)``, ``evaluate()``, ``export()`` and ``describe()``. It builds its
+    model through ``build_model`` so that seeding, restore and DDP are done the same way.
+    """
+
+    count_name = "predicted_tokens"  # what ``count`` counts, in metrics.jsonl
+
+    def __init__(self, run: str | Path, cfg: TrainConfig, resume: bool, progress: bool) -> None:
         self.d = setup_distributed()
         self.run_dir = Path(run)
         self.cfg = cfg
@@ -172,51 +182,52 @@ class Trainer:
         if self.d.main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.d.barrier()
-        existing = load_checkpoint(self.run_dir)
-        if existing is not None and not resume:
+        self._existing = load_checkpoint(self.run_dir)
+        if self._existing is not None and not resume:
             raise ValueError(f"{self.run_dir} already holds a training run; pass --resume to continue it, "
                              "or choose another --out.")
-        documents = read_documents(corpus, cfg.doc_lines)
-        train_docs, eval_docs = split_documents(documents, cfg.eval_fraction, cfg.seed)
-        self.tokenizer = prepare_tokenizer(self.run_dir, train_docs, tokenizer, cfg, self.d)
-        self.train_seqs = pack_sequences(self.tokenizer, train_docs, cfg.seq_len)
-        self.eval_seqs = pack_sequences(self.tokenizer, eval_docs, cfg.seq_len)[: cfg.eval_sequences]
-        per_step = cfg.batch_tokens // cfg.seq_len
-        if per_step < 1 or per_step % (self.d.world * cfg.grad_accum):
-            raise ValueError(f"batch_tokens // seq_len = {per_step} sequences per step must be a positive "
-                             f"multiple of processes x grad_accum = {self.d.world * cfg.grad_accum}.")
-        if len(self.train_seqs) < per_step or len(self.eval_seqs) == 0:
-            raise ValueError(f"the corpus is too small: {len(self.train_seqs)} training and "
-                             f"{len(self.eval_seqs)} held-out sequences of {cfg.seq_len} tokens.")
-        self.per_step = per_step
-        self.masking = Masking.for_tokenizer(self.tokenizer, cfg.mask_probability)
-        self.config = model_config(preset, self.tokenizer, cfg.seq_len)
-
-        torch.manual_seed(cfg.seed)  # the same initial weights on every process
-        self.model = MaskedLanguageModel(self.config).to(self.d.device)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        torch.manual_seed(cfg.seed + 1 + self.d.rank)  # dropout: a stream per process
         self.step = 0
-        if existing is not None:
-            self._restore(*existing)
-        self.ddp = (DistributedDataParallel(self.model) if self.d.world > 1 else None)
 
-    # -- data --
-    def batch_indices(self, step: int) -> np.ndarray:
-        """This step's sequences, by global index: an epoch's permutation, sliced."""
-        per_epoch = len(self.train_seqs) // self.per_step
-        epoch, slot = divmod(step, per_epoch)
-        order = np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.train_seqs))
-        return order[slot * self.per_step:(slot + 1) * self.per_step]
+    def build_model(self, make: Callable[[], nn.Module], meta: dict) -> None:
+        """Create the model (same initial weights on every process), its optimizer, and restore."""
+        self.model_meta = meta
+        torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
+        self.model = make().to(self.d.device)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
+                                           weight_decay=self.cfg.weight_decay)
+        torch.manual_seed(self.cfg.seed + 1 + self.d.rank)  # dropout: a stream per process
+        if self._existing is not None:
+            self._restore(*self._existing)
+        self.ddp = DistributedDataParallel(self.model) if self.d.world > 1 else None
 
-    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
-        """This process's micro-batches: rank r takes every world-th slice (disjoint per rank)."""
-        indices = self.batch_indices(step).reshape(self.cfg.grad_accum, self.d.world, -1)[:, self.d.rank]
-        out = []
-        for idx in indices:
-            inputs, labels, chosen = self.masking(self.train_seqs[idx], idx, self.cfg.seed, step)
-            out.append(tuple(torch.from_numpy(a).to(self.d.device) for a in (inputs, labels, chosen)))
-        return out
+    # -- what a task supplies --
+    def micro_batches(self, step: int) -> list:
+        raise NotImplementedError
+
+    def count(self, batch) -> int:
+        """Tokens whose prediction the loss sums over."""
+        raise NotImplementedError
+
+    def tokens(self, batch) -> int:
+        """Tokens the model reads in this batch (for tokens/s)."""
+        raise NotImplementedError
+
+    def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def evaluate(self) -> dict:
+        raise NotImplementedError
+
+    def export(self) -> None:
+        """Write the run folder's top as a model (rank 0 only)."""
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Facts for the run's first metrics record."""
+        return {}
+
+    def epoch_of(self, step: int) -> int:
+        return 0
 
     def autocast(self):
         if self.cfg.precision == "bf16":
@@ -228,18 +239,20 @@ class Trainer:
         model = self.ddp or self.model
         model.train()
         batches = self.micro_batches(self.step)
-        n_global = self.d.sum(torch.tensor(float(sum(int(c.sum()) for _, _, c in batches)))).item()
+        counts = self.d.sum(torch.tensor([float(sum(self.count(b) for b in batches)),
+                                          float(sum(self.tokens(b) for b in batches))]))
+        n_global, n_tokens = counts[0].item(), counts[1].item()
         for group in self.optimizer.param_groups:
             group["lr"] = self.cfg.lr_at(self.step)
         loss_sum = torch.zeros(())
-        for m, (inputs, labels, chosen) in enumerate(batches):
+        for m, batch in enumerate(batches):
             sync = contextlib.nullcontext() if (self.ddp is None or m == len(batches) - 1) else self.ddp.no_sync()
             with sync:
                 with self.autocast():
-                    out = model(inputs, labels, chosen)
+                    batch_loss = self.loss_sum(model, batch)
                 # the loss of the whole step is sum / n_global; DDP averages over processes
-                (out.loss_sum * (self.d.world / max(n_global, 1.0))).backward()
-            loss_sum += out.loss_sum.detach().float().cpu()
+                (batch_loss * (self.d.world / max(n_global, 1.0))).backward()
+            loss_sum += batch_loss.detach().float().cpu()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         loss = (self.d.sum(loss_sum) / max(n_global, 1.0)).item()
         if not (math.isfinite(loss) and math.isfinite(float(grad_norm))):
@@ -252,23 +265,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         return {"step": self.step, "loss": loss, "lr": self.cfg.lr_at(self.step - 1),
-                "grad_norm": float(grad_norm), "masked_tokens": int(n_global)}
-
-    @torch.no_grad()
-    def evaluate(self) -> dict:
-        self.model.eval()
-        shard = np.arange(len(self.eval_seqs))[self.d.rank::self.d.world]
-        total, count = torch.zeros(()), torch.zeros(())
-        for start in range(0, len(shard), self.per_step):
-            idx = shard[start:start + self.per_step]
-            arrays = self.masking(self.eval_seqs[idx], idx, self.cfg.seed, 2**31)  # fixed masks
-            inputs, labels, chosen = (torch.from_numpy(a).to(self.d.device) for a in arrays)
-            with self.autocast():
-                out = self.model(inputs, labels, chosen)
-            total += out.loss_sum.float().cpu()
-            count += out.n_predicted
-        loss = (self.d.sum(total) / self.d.sum(count).clamp(min=1)).item()
-        return {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+                "grad_norm": float(grad_norm), self.count_name: int(n_global), "tokens": int(n_tokens)}
 
     # -- saving --
     def _rng_states(self) -> dict[str, torch.Tensor]:
@@ -285,15 +282,14 @@ class Trainer:
         if self.d.main:
             opt_tensors, opt_meta = optimizer_to_tensors(self.optimizer)
             meta = {"step": self.step, "world": self.d.world, "train": asdict(self.cfg),
-                    "model": self.config.to_dict(), "optimizer": opt_meta,
-                    "epoch": self.step // (len(self.train_seqs) // self.per_step)}
+                    "model": self.model_meta, "optimizer": opt_meta, "epoch": self.epoch_of(self.step)}
             save_checkpoint(self.run_dir, self.step,
                             {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng}, meta)
-            export_model(self.run_dir, self.model, self.tokenizer, self.cfg)
+            self.export()
         self.d.barrier()
 
     def _restore(self, step: int, tensors: dict, meta: dict) -> None:
-        if meta["model"] != self.config.to_dict():
+        if meta["model"] != self.model_meta:
             raise ValueError("the checkpoint's model config differs from this run's; resume with the same --config.")
         if meta["world"] != self.d.world:
             raise ValueError(f"the checkpoint was written by {meta['world']} process(es); resume with as many.")
@@ -313,9 +309,8 @@ class Trainer:
 
         cfg = self.cfg
         if self.step == 0:
-            self.log({"event": "start", "train_sequences": len(self.train_seqs),
-                      "eval_sequences": len(self.eval_seqs), "processes": self.d.world,
-                      "model": self.config.to_dict(), "train": asdict(cfg)})
+            self.log({"event": "start", **self.describe(), "processes": self.d.world,
+                      "model": self.model_meta, "train": asdict(cfg)})
             self.log(self.evaluate())
         bar = tqdm(total=cfg.steps, initial=self.step, unit="step", disable=not (self.progress and self.d.main),
                    dynamic_ncols=True)
@@ -323,7 +318,7 @@ class Trainer:
         while self.step < cfg.steps:
             start = time.perf_counter()
             record = self.train_step()
-            record["tokens_per_s"] = self.per_step * cfg.seq_len / (time.perf_counter() - start)
+            record["tokens_per_s"] = record["tokens"] / (time.perf_counter() - start)
             self.log(record)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}",
                             lr=f"{record['lr']:.2e}")
@@ -332,9 +327,87 @@ class Trainer:
                 last = self.evaluate()
                 self.log(last)
                 if self.d.main and self.progress:
-                    bar.write(f"step {self.step}: held-out loss {last['eval_loss']:.4f}, "
-                              f"perplexity {last['eval_perplexity']:.1f}")
+                    bar.write(f"step {self.step}: " + ", ".join(
+                        f"{k.replace('eval_', 'held-out ')} {v:.4g}" for k, v in last.items() if k != "step"))
             if self.step % cfg.save_every == 0 or self.step == cfg.steps:
                 self.save()
         bar.close()
         return last
+
+
+class Trainer(TrainingRun):
+    """Masked-LM pretraining of an encoder; ``run()`` trains to ``cfg.steps``."""
+
+    count_name = "masked_tokens"
+
+    def __init__(self, corpus: list[str | Path], run: str | Path, cfg: TrainConfig, preset: str = "small",
+                 tokenizer: str | None = None, resume: bool = False, progress: bool = True) -> None:
+        super().__init__(run, cfg, resume, progress)
+        documents = read_documents(corpus, cfg.doc_lines)
+        train_docs, eval_docs = split_documents(documents, cfg.eval_fraction, cfg.seed)
+        self.tokenizer = prepare_tokenizer(self.run_dir, train_docs, tokenizer, cfg, self.d)
+        self.train_seqs = pack_sequences(self.tokenizer, train_docs, cfg.seq_len)
+        self.eval_seqs = pack_sequences(self.tokenizer, eval_docs, cfg.seq_len)[: cfg.eval_sequences]
+        per_step = cfg.batch_tokens // cfg.seq_len
+        if per_step < 1 or per_step % (self.d.world * cfg.grad_accum):
+            raise ValueError(f"batch_tokens // seq_len = {per_step} sequences per step must be a positive "
+                             f"multiple of processes x grad_accum = {self.d.world * cfg.grad_accum}.")
+        if len(self.train_seqs) < per_step or len(self.eval_seqs) == 0:
+            raise ValueError(f"the corpus is too small: {len(self.train_seqs)} training and "
+                             f"{len(self.eval_seqs)} held-out sequences of {cfg.seq_len} tokens.")
+        self.per_step = per_step
+        self.masking = Masking.for_tokenizer(self.tokenizer, cfg.mask_probability)
+        self.config = model_config(preset, self.tokenizer, cfg.seq_len)
+        self.build_model(lambda: MaskedLanguageModel(self.config), self.config.to_dict())
+
+    def describe(self) -> dict:
+        return {"train_sequences": len(self.train_seqs), "eval_sequences": len(self.eval_seqs)}
+
+    # -- data --
+    def epoch_of(self, step: int) -> int:
+        return step // (len(self.train_seqs) // self.per_step)
+
+    def batch_indices(self, step: int) -> np.ndarray:
+        """This step's sequences, by global index: an epoch's permutation, sliced."""
+        per_epoch = len(self.train_seqs) // self.per_step
+        epoch, slot = divmod(step, per_epoch)
+        order = np.random.default_rng((self.cfg.seed, epoch)).permutation(len(self.train_seqs))
+        return order[slot * self.per_step:(slot + 1) * self.per_step]
+
+    def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
+        """This process's micro-batches: rank r takes every world-th slice (disjoint per rank)."""
+        indices = self.batch_indices(step).reshape(self.cfg.grad_accum, self.d.world, -1)[:, self.d.rank]
+        out = []
+        for idx in indices:
+            inputs, labels, chosen = self.masking(self.train_seqs[idx], idx, self.cfg.seed, step)
+            out.append(tuple(torch.from_numpy(a).to(self.d.device) for a in (inputs, labels, chosen)))
+        return out
+
+    def count(self, batch) -> int:
+        return int(batch[2].sum())
+
+    def tokens(self, batch) -> int:
+        return batch[0].numel()
+
+    def loss_sum(self, model: nn.Module, batch) -> torch.Tensor:
+        inputs, labels, chosen = batch
+        return model(inputs, labels, chosen).loss_sum
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.model.eval()
+        shard = np.arange(len(self.eval_seqs))[self.d.rank::self.d.world]
+        total, count = torch.zeros(()), torch.zeros(())
+        for start in range(0, len(shard), self.per_step):
+            idx = shard[start:start + self.per_step]
+            arrays = self.masking(self.eval_seqs[idx], idx, self.cfg.seed, 2**31)  # fixed masks
+            inputs, labels, chosen = (torch.from_numpy(a).to(self.d.device) for a in arrays)
+            with self.autocast():
+                out = self.model(inputs, labels, chosen)
+            total += out.loss_sum.float().cpu()
+            count += out.n_predicted
+        loss = (self.d.sum(total) / self.d.sum(count).clamp(min=1)).item()
+        return {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+
+    def export(self) -> None:
+        export_model(self.run_dir, self.model, self.tokenizer, self.cfg)
