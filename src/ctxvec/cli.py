@@ -203,58 +203,156 @@ def train_tokenizer(corpus: tuple[Path, ...], output: Path, vocab_size: int, min
     click.echo(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens -> {output}")
 
 
-@main.command()
-@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--out", "run", required=True, type=click.Path(file_okay=False, path_type=Path),
-              help="Run folder: checkpoints, metrics.jsonl, and the trained model.")
-@click.option("--config", "preset", default="small", show_default=True,
-              help="small (4 x 256), seed (12 x 512), or an EncoderConfig JSON file.")
-@click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
-              help="A tokenizer.json to use (default: train a WordPiece one on the training split).")
-@click.option("--steps", type=click.IntRange(min=1), default=1000, show_default=True)
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=4096, show_default=True,
-              help="Tokens per optimizer step, over all processes.")
-@click.option("--seq-len", type=click.IntRange(min=8), default=128, show_default=True)
-@click.option("--grad-accum", type=click.IntRange(min=1), default=1, show_default=True)
-@click.option("--lr", type=click.FloatRange(min=0, min_open=True), default=5e-4, show_default=True)
-@click.option("--warmup", type=click.IntRange(min=0), default=100, show_default=True)
-@click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
-@click.option("--eval-every", type=click.IntRange(min=1), default=100, show_default=True)
-@click.option("--save-every", type=click.IntRange(min=1), default=200, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None)
-@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
-@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Processes on this machine (runs torchrun for you); for several machines, run "
-                   "torchrun yourself (see the README).")
-def train(corpus, run, preset, tokenizer, steps, batch_tokens, seq_len, grad_accum, lr, warmup, precision,
-          eval_every, save_every, seed, threads, resume, nproc) -> None:
-    """Masked-LM pretraining of an encoder on CORPUS text files."""
-    if nproc > 1 and "WORLD_SIZE" not in os.environ:
-        import subprocess
+def training_options(command):
+    """Options every training command shares; unset ones take the task's config defaults."""
+    options = [
+        click.option("--out", "run", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Run folder: checkpoints, metrics.jsonl, and the trained model."),
+        click.option("--tokenizer", type=click.Path(exists=True, path_type=Path),
+                     help="A tokenizer.json to use (default: train one on the training split)."),
+        click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), help="Tokens per optimizer step, over all processes."),
+        click.option("--seq-len", type=click.IntRange(min=8), help="Longest sequence, in tokens."),
+        click.option("--grad-accum", type=click.IntRange(min=1), help="Micro-batches per step and process."),
+        click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (AdamW)."),
+        click.option("--warmup", type=click.IntRange(min=0), help="Linear warm-up steps, then linear decay."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), help="fp32 (default) or bf16 autocast."),
+        click.option("--eval-every", type=click.IntRange(min=1), help="Steps between held-out evaluations."),
+        click.option("--save-every", type=click.IntRange(min=1), help="Steps between checkpoints."),
+        click.option("--seed", type=int, help="Seed of the data order, masks, initial weights, dropout."),
+        click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per process."),
+        click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint."),
+        click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+                     help="Processes on this machine (runs torchrun for you); for several machines, run "
+                          "torchrun yourself (see the README)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
 
-        args = sys.argv[1:]  # this command line, less --nproc, for each process
-        if "--nproc" in args:
-            del args[args.index("--nproc"):args.index("--nproc") + 2]
-        args = [a for a in args if not a.startswith("--nproc=")]
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-                   "-m", "ctxvec", *args]
-        raise SystemExit(subprocess.call(command))
-    from ctxvec.train import Trainer, TrainConfig
 
+TRAINING_FIELDS = ("steps", "batch_tokens", "seq_len", "grad_accum", "lr", "warmup", "precision", "eval_every",
+                   "save_every", "seed")
+
+
+def _relaunch_under_torchrun(nproc: int) -> None:
+    """``--nproc N``: run this same command line in N processes with torchrun (standalone)."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    args = sys.argv[1:]  # this command line, less --nproc, for each process
+    if "--nproc" in args:
+        del args[args.index("--nproc"):args.index("--nproc") + 2]
+    args = [a for a in args if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ctxvec", *args]
+    raise SystemExit(subprocess.call(command))
+
+
+def _run_training(make_trainer, threads: int | None) -> dict:
     set_threads(threads)
     try:
-        cfg = TrainConfig(steps=steps, batch_tokens=batch_tokens, seq_len=seq_len, grad_accum=grad_accum,
-                          lr=lr, warmup=warmup, precision=precision, eval_every=eval_every,
-                          save_every=save_every, seed=seed)
-        trainer = Trainer(list(corpus), run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
-                          resume=resume)
+        trainer = make_trainer()
         result = trainer.run()
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     if trainer.d.main:
-        click.echo(f"trained to step {trainer.step}: held-out loss {result.get('eval_loss', float('nan')):.4f}, "
-                   f"perplexity {result.get('eval_perplexity', float('nan')):.1f}; model in {run}/")
+        summary = ", ".join(f"{k.replace('eval_', 'held-out ')} {v:.4g}" for k, v in result.items() if k != "step")
+        click.echo(f"trained to step {trainer.step}: {summary}; model in {trainer.run_dir}/")
+    return result
+
+
+@main.command()
+@click.argument("corpus", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--config", "preset", default="small", show_default=True,
+              help="small (4 x 256), seed (12 x 512), or an EncoderConfig JSON file.")
+@training_options
+def train(corpus, preset, run, tokenizer, threads, resume, nproc, **options) -> None:
+    """Masked-LM pretraining of an encoder on CORPUS text files."""
+    _relaunch_under_torchrun(nproc)
+    from ctxvec.train import Trainer, TrainConfig
+
+    def make():
+        cfg = TrainConfig(**{k: v for k, v in options.items() if v is not None})
+        return Trainer(list(corpus), run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
+                       resume=resume)
+
+    _run_training(make, threads)
+
+
+@main.command("train-translation")
+@click.argument("pairs", type=click.Path(path_type=Path))
+@click.option("--config", "preset", default="small", show_default=True,
+              help="small (3 + 3 layers x 256, pre-norm), seed (12 + 12 x 512), or an EncoderConfig JSON file.")
+@training_options
+@click.option("--source-column", help="Header name of the source column (default: the second-to-last).")
+@click.option("--target-column", help="Header name of the target column (default: the last).")
+@click.option("--valid-groups", help="Comma-separated groups (Bible books) held out for validation.")
+@click.option("--test-groups", help="Comma-separated groups held out for the test (never trained or tuned on).")
+@click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="Default 0.1.")
+@click.option("--eval-sentences", type=click.IntRange(min=0), help="Held-out sentences translated for BLEU/chrF.")
+@click.option("--vocab-size", type=click.IntRange(min=16), help="Joint BPE vocabulary when trained here.")
+def train_translation(pairs, preset, run, tokenizer, threads, resume, nproc, valid_groups, test_groups,
+                      **options) -> None:
+    """Train a Transformer translator on PAIRS, a TSV file with a header (source and target columns).
+
+    Held out: whole groups (the books of a Bible-style "ref" column, else blocks of 100 lines);
+    on ../shared/data/bible_es_en.tsv the defaults are fixed books (see `ctxvec.translation`).
+    """
+    _relaunch_under_torchrun(nproc)
+    from ctxvec.translation import TranslationConfig, TranslationTrainer
+
+    def groups(text: str | None) -> list[str] | None:
+        return [g.strip() for g in text.split(",") if g.strip()] if text else None
+
+    def make():
+        cfg = TranslationConfig(**{k: v for k, v in options.items() if v is not None},
+                                valid_groups=groups(valid_groups), test_groups=groups(test_groups))
+        return TranslationTrainer(pairs, run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
+                                  resume=resume)
+
+    _run_training(make, threads)
+
+
+@main.command()
+@click.argument("texts", nargs=-1)
+@click.option("--model", "-m", required=True, type=click.Path(path_type=Path),
+              help="A folder written by `ctxvec train-translation`.")
+@click.option("--file", "-f", "file", type=click.Path(path_type=Path), help="Translate every line of this file.")
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="With --file: write the translations here, one per line (default: print them).")
+@click.option("--beam", type=click.IntRange(min=1), default=4, show_default=True, help="Beam size (1: greedy).")
+@click.option("--alpha", type=click.FloatRange(min=0), default=0.6, show_default=True,
+              help="Length penalty exponent ((5 + n) / 6) ** alpha.")
+@click.option("--threads", type=click.IntRange(min=1), default=None)
+def translate(texts, model, file, output, beam, alpha, threads) -> None:
+    """Translate TEXTS (or the lines of --file) with a trained translator.
+
+    Example: ctxvec translate "En el principio creó Dios los cielos y la tierra." --model run/
+    """
+    from ctxvec.textfile import check_readable, iter_texts
+    from ctxvec.translation import load_translator
+
+    if bool(texts) == bool(file):
+        raise click.UsageError("give TEXTS or --file (one of them).")
+    set_threads(threads)
+    try:
+        translator = load_translator(model)
+        if file is not None:
+            check_readable(file)
+            texts = list(iter_texts(file, "text"))
+        results = translator.translate(list(texts), beam_size=beam, alpha=alpha)
+        if output is not None:
+            from ctxvec.checkpoint import atomic_write_text
+
+            atomic_write_text(output, "".join(r + "\n" for r in results))
+            click.echo(f"translated {len(results)} lines -> {output}")
+            return
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    for text, result in zip(texts, results):
+        click.echo(result if file is not None else f"{text}\n  -> {result}")
 
 
 @main.command()
@@ -270,6 +368,42 @@ def plot(run: Path, output: Path | None) -> None:
     except (ValueError, OSError) as err:
         raise click.ClickException(str(err)) from None
     click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("text")
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="Model name (see `ctxvec models`) or model folder.")
+@click.option("--output", "-o", default=Path("explain.html"), show_default=True,
+              type=click.Path(dir_okay=False, path_type=Path), help="The HTML page to write.")
+@click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the figures as PNG files into this folder.")
+@click.option("--max-tokens", type=click.IntRange(min=3), default=64, show_default=True,
+              help="Show at most this many tokens (special tokens included); the page notes a cut.")
+@click.option("--padding", type=click.IntRange(min=0), default=2, show_default=True,
+              help="[PAD] tokens appended to show padding and the attention mask.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="CPU threads for PyTorch (default: PyTorch's choice).")
+def explain(text: str, model: str, output: Path, png_dir: Path | None, max_tokens: int, padding: int,
+            threads: int | None) -> None:
+    """Write a page that shows every step of the encoder for TEXT, with the model's real tensors.
+
+    Example: ctxvec explain "my name is aj" -o explain.html
+    """
+    from ctxvec.explain import explain as explain_page, write_pngs
+
+    try:
+        pipeline = _load(model, "fp32", threads)
+        result = explain_page(pipeline, text, output, max_tokens=max_tokens, padding=padding)
+        pngs = write_pngs(result, png_dir) if png_dir is not None else []
+    except (ValueError, OSError) as err:
+        raise click.ClickException(str(err)) from None
+    note = (f", cut to {result.n_real} of {result.n_tokens_full} tokens (--max-tokens)"
+            if result.truncated else "")
+    click.echo(f"wrote {output}: {result.n_real} tokens{note} through {pipeline.name} "
+               f"({len(result.layers)} layers, trace within {result.max_error:.1e} of the model)")
+    if pngs:
+        click.echo(f"wrote {len(pngs)} PNG figures to {png_dir}")
 
 
 if __name__ == "__main__":  # pragma: no cover
