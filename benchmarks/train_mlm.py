@@ -16,6 +16,7 @@ Writes benchmarks/results/train_mlm.{json,md} and updates BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -87,7 +88,7 @@ def train_real(args, facts) -> dict:
     trainer.save()
     subprocess.run([sys.executable, "-m", "ctxvec", "plot", str(run), "-o", str(args.out / "mlm_loss.png")],
                    check=True)
-    return {"steps": trainer.step, "minutes": args.minutes, "train_sequences": len(trainer.train_seqs),
+    return {"steps": trainer.step, "minutes": args.minutes, "threads": args.threads, "train_sequences": len(trainer.train_seqs),
             "eval_sequences": len(trainer.eval_seqs), "before": before, "after": after,
             "predictions": predictions(run, trainer.tokenizer), "png": "benchmarks/results/mlm_loss.png"}
 
@@ -154,7 +155,8 @@ def markdown(r: dict) -> str:
     out = [f"Machine: {m['cpu']} ({', '.join(m['simd'])}; native bf16: {'yes' if m['native_bf16'] else 'no'}), "
            f"{r['threads']} threads, torch {m['torch']}; {r['date']}.", "",
            f"**Pretraining** a 4 x 256 seed-style encoder (post-norm, ReLU, sinusoidal; WordPiece 8,000 trained "
-           f"on the training split) on `web_en.txt` for {t['minutes']} minutes on 2 cores: {t['steps']} steps of "
+           f"on the training split) on `web_en.txt` for {t['minutes']} minutes on {t.get('threads', 2)} of the machine's "
+           f"2 cores: {t['steps']} steps of "
            f"4,096 tokens; {t['train_sequences']} training and {t['eval_sequences']} held-out sequences of 128 "
            "tokens (held out: 5% of the 100-verse documents).", "",
            "| | held-out masked-LM loss | perplexity |", "|---|---:|---:|",
@@ -182,14 +184,18 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true")
+    parser.add_argument("--part", choices=["all", "train", "throughput"], default="all",
+                        help="run one half; the other is taken from the last results JSON")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
     args.out.mkdir(parents=True, exist_ok=True)
     facts = machine()
     result = {"machine": facts, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
-    result["training"] = train_real(args, facts)
-    result["throughput"] = throughput(args)
+    previous = args.out / "train_mlm.json"
+    old = json.loads(previous.read_text()) if previous.exists() and args.part != "all" else {}
+    result["training"] = train_real(args, facts) if args.part != "throughput" else old["training"]
+    result["throughput"] = throughput(args) if args.part != "train" else old["throughput"]
     write_results("train_mlm", result, markdown(result), args.out, update=not args.no_update)
 
 

@@ -21,6 +21,15 @@ def tiny_config(**changes) -> EncoderConfig:
     return EncoderConfig(**base)
 
 
+# The layer variants PyTorch has too, for the from_torch exactness tests (encoder and decoder).
+VARIANTS = [
+    dict(norm_first=False, activation="relu"),
+    dict(norm_first=True, activation="relu", final_norm=True),
+    dict(norm_first=True, activation="gelu", final_norm=False),
+    dict(norm_first=False, activation="gelu", final_norm=True),
+]
+
+
 def random_batch(batch: int, seq_len: int, vocab_size: int, generator: torch.Generator | None = None,
                  min_len: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Random ids with right padding of random lengths; the first row is always full length."""

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from ctxvec import Encoder, EncoderConfig, EncoderStack
-from conftest import random_batch, tiny_config
+from conftest import VARIANTS, random_batch, tiny_config
 
 
 def torch_encoder(d_model=32, nhead=4, d_ff=64, n_layers=2, norm_first=False, activation="relu",
@@ -30,12 +30,6 @@ def max_real_diff(a, b, mask):
     return (a[real] - b[real]).abs().max().item()
 
 
-VARIANTS = [
-    dict(norm_first=False, activation="relu"),
-    dict(norm_first=True, activation="relu", final_norm=True),
-    dict(norm_first=True, activation="gelu", final_norm=False),
-    dict(norm_first=False, activation="gelu", final_norm=True),
-]
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))

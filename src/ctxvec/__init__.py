@@ -1,7 +1,7 @@
 """ctxvec: raw words -> context-packed vectors with a Transformer encoder, one named step each.
 
 tokenizer -> embedding (one-hot, token embedding, positions) -> attention -> layer
-(Add & Norm, feed-forward) -> encoder (stack).
+(Add & Norm, feed-forward) -> encoder (stack); and downstream, decoder -> decoding -> translation.
 """
 
 from ctxvec.attention import AttentionOutput, MultiHeadSelfAttention, attention
@@ -14,6 +14,8 @@ from ctxvec.embedding import (
     one_hot,
     sinusoid_table,
 )
+from ctxvec.decoder import DecoderLayer, DecoderStack, Seq2SeqConfig, Translator
+from ctxvec.decoding import beam_search, greedy_decode
 from ctxvec.embedfile import EmbedFileResult, embed_file
 from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack, NonFiniteError
 from ctxvec.layer import EncoderLayer, FeedForward
@@ -26,9 +28,11 @@ from ctxvec.tokenizer import BatchEncoding, Tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
-    "AttentionOutput", "BatchEncoding", "EmbedFileResult", "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer",
-    "EncoderOutput", "EncoderStack", "FeedForward", "LearnedPositionalEncoding",
-    "MultiHeadSelfAttention", "NonFiniteError", "Pipeline", "Pooling", "SentenceVectors", "SinusoidalPositionalEncoding",
-    "TokenEmbedding", "TokenVectors", "Tokenizer", "attention", "embed_file", "load", "one_hot",
-    "save_pipeline", "set_threads", "sinusoid_table",
+    "AttentionOutput", "BatchEncoding", "DecoderLayer", "DecoderStack", "EmbedFileResult",
+    "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer", "EncoderOutput", "EncoderStack",
+    "FeedForward", "LearnedPositionalEncoding", "MultiHeadSelfAttention", "NonFiniteError",
+    "Pipeline", "Pooling", "SentenceVectors", "Seq2SeqConfig", "SinusoidalPositionalEncoding",
+    "TokenEmbedding", "TokenVectors", "Tokenizer", "Translator", "attention", "beam_search",
+    "embed_file", "greedy_decode", "load", "one_hot", "save_pipeline", "set_threads",
+    "sinusoid_table",
 ]

@@ -59,6 +59,37 @@ def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], meta
     atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
 
 
+# ---- tied weights ------------------------------------------------------------------------------
+
+def tied_aliases(module: torch.nn.Module) -> dict[str, str]:
+    """Second and later names of a parameter that several modules share -> its first name."""
+    first: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in module.named_parameters(remove_duplicate=False):
+        if id(parameter) in first:
+            aliases[name] = first[id(parameter)]
+        else:
+            first[id(parameter)] = name
+    return aliases
+
+
+def unique_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``state_dict()`` with each tied tensor once (safetensors refuses tensors that share memory)."""
+    state = module.state_dict()
+    for alias in tied_aliases(module):
+        state.pop(alias, None)
+    return state
+
+
+def with_aliases(state: dict[str, torch.Tensor], module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The inverse of ``unique_state``: every name of a tied tensor, for a strict load."""
+    state = dict(state)
+    for alias, name in tied_aliases(module).items():
+        if name in state:
+            state.setdefault(alias, state[name])
+    return state
+
+
 # ---- optimizer state <-> tensors + JSON ---------------------------------------------------
 
 def optimizer_to_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -139,7 +139,7 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
         check_readable(file)
         pipeline = _load(model, precision, threads)
         bar = tqdm(total=count_lines(file), unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True)
-        with bar, _sigterm_as_interrupt():
+        with bar, _signals_as_interrupt():
             result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
                                 strict=strict, resume=resume, chunk_size=chunk_size, on_progress=bar.update)
     except EmbedInterrupted as err:
@@ -161,16 +161,21 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt():
-    """SIGTERM (a job scheduler stopping us) ends the work like Ctrl-C: cleanly, resumable."""
+def _signals_as_interrupt():
+    """SIGINT (Ctrl-C) and SIGTERM (a job scheduler stopping us) end the work cleanly, resumable.
+
+    Both handlers are set explicitly: a job started in the background by a shell inherits an
+    ignored SIGINT, and `kill -INT` must still stop it.
+    """
     def interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @main.command()

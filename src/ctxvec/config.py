@@ -108,10 +108,7 @@ class EncoderConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> EncoderConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"Invalid EncoderConfig: unknown field(s) {', '.join(unknown)}.")
+        refuse_unknown_fields(cls, values)
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
@@ -120,3 +117,10 @@ class EncoderConfig:
     @classmethod
     def load(cls, path: str | Path) -> EncoderConfig:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def refuse_unknown_fields(cls: type, values: dict[str, Any]) -> None:
+    """A config read from a file must name only fields the dataclass ``cls`` has."""
+    unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"Invalid {cls.__name__}: unknown field(s) {', '.join(unknown)}.")

@@ -74,8 +74,9 @@ class SinusoidalPositionalEncoding(nn.Module):
         # Not saved with the weights: it is a formula, rebuilt on construction.
         self.register_buffer("table", sinusoid_table(max_len, d_model), persistent=False)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        return self.table[:seq_len]  # (T, D)
+    def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
+        """Rows ``start .. start + seq_len - 1``: a decoder's cached step starts past 0."""
+        return self.table[start:start + seq_len]  # (T, D)
 
 
 class LearnedPositionalEncoding(nn.Module):
@@ -89,8 +90,8 @@ class LearnedPositionalEncoding(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.normal_(self.weight, std=0.02)
 
-    def forward(self, seq_len: int) -> torch.Tensor:
-        return self.weight[:seq_len]  # (T, D)
+    def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
+        return self.weight[start:start + seq_len]  # (T, D)
 
 
 class Embeddings(nn.Module):
@@ -109,8 +110,10 @@ class Embeddings(nn.Module):
                      if config.embedding_norm else None)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.tokens(input_ids) + self.positions(input_ids.shape[1])  # (B, T, D) + (T, D)
+    def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
+                start: int = 0) -> torch.Tensor:
+        """input_ids: (B, T) at positions ``start .. start + T - 1`` (0 but for cached decoding)."""
+        x = self.tokens(input_ids) + self.positions(input_ids.shape[1], start)  # (B, T, D) + (T, D)
         if self.token_types is not None:
             if token_type_ids is None:
                 x = x + self.token_types.weight[0]  # one segment: every token has type 0

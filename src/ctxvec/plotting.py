@@ -6,8 +6,11 @@ import json
 from pathlib import Path
 
 
-def read_metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
-    """(train loss by step, held-out loss by step); a step logged twice keeps its last value."""
+def read_metrics(run: Path, key: str | None = None) -> tuple[dict[int, float], dict[int, float]]:
+    """(train loss by step, held-out loss by step); a step logged twice keeps its last value.
+
+    With ``key``, the second dict is that held-out metric (for example "eval_bleu") instead.
+    """
     path = run / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"{run} has no metrics.jsonl: is it a training run folder?")
@@ -16,8 +19,8 @@ def read_metrics(run: Path) -> tuple[dict[int, float], dict[int, float]]:
         record = json.loads(line)
         if "loss" in record:
             train[record["step"]] = record["loss"]
-        if "eval_loss" in record:
-            held[record["step"]] = record["eval_loss"]
+        if (key or "eval_loss") in record:
+            held[record["step"]] = record[key or "eval_loss"]
     return train, held
 
 
@@ -32,14 +35,22 @@ def plot_run(run: Path, output: Path | None = None) -> Path:
         raise ValueError(f"{run / 'metrics.jsonl'} holds no losses yet.")
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
     if train:
-        ax.plot(list(train), list(train.values()), lw=1, alpha=0.8, label="training loss (masked tokens)")
+        ax.plot(list(train), list(train.values()), lw=1, alpha=0.8, label="training loss")
     if held:
         ax.plot(list(held), list(held.values()), "o-", label="held-out loss")
     ax.set_xlabel("optimizer step")
-    ax.set_ylabel("masked-LM cross-entropy (nats)")
-    ax.set_title(f"ctxvec masked-LM training: {run.name or run}")
+    ax.set_ylabel("cross-entropy per predicted token (nats)")
+    ax.set_title(f"ctxvec training: {run.name or run}")
     ax.grid(alpha=0.3)
-    ax.legend()
+    handles = ax.get_legend_handles_labels()
+    _, bleu = read_metrics(run, "eval_bleu")
+    if bleu:  # a translation run: its held-out BLEU on a second axis
+        twin = ax.twinx()
+        twin.plot(list(bleu), list(bleu.values()), "s--", color="tab:green", label="held-out BLEU")
+        twin.set_ylabel("BLEU (sacrebleu)")
+        more = twin.get_legend_handles_labels()
+        handles = (handles[0] + more[0], handles[1] + more[1])
+    ax.legend(*handles, loc="center right")
     output = output or run / "loss.png"
     fig.tight_layout()
     fig.savefig(output)

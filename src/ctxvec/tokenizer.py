@@ -108,21 +108,37 @@ class Tokenizer:
     @classmethod
     def train(cls, files: Sequence[str | Path] | None = None, *, texts: Iterable[str] | None = None,
               vocab_size: int = 8000, min_frequency: int = 2, lowercase: bool = True,
-              max_len: int = 512) -> Tokenizer:
-        """Learn a WordPiece vocabulary (BERT's normalisation and pre-tokenisation) from text.
+              max_len: int = 512, kind: Literal["wordpiece", "bpe"] = "wordpiece") -> Tokenizer:
+        """Learn a subword vocabulary from text. Special tokens come first: [PAD]=0, [UNK]=1,
+        [CLS]=2, [SEP]=3, [MASK]=4.
 
-        Special tokens come first: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3, [MASK]=4.
+        kind:
+            "wordpiece": BERT's normalisation, pre-tokenisation and ``##`` continuation pieces
+                (what an encoder reads; decoding puts spaces around punctuation).
+            "bpe": byte-pair merges over words marked with a leading ``▁`` (SentencePiece's
+                Metaspace): decoding gives back the exact spacing, which generated text needs.
         """
         if vocab_size <= len(SPECIAL_TOKENS):
             raise ValueError(f"vocab_size must exceed the {len(SPECIAL_TOKENS)} special tokens.")
-        backend = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
-        backend.normalizer = normalizers.BertNormalizer(
-            clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
-        backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-        backend.decoder = decoders.WordPiece(prefix="##")
-        trainer = trainers.WordPieceTrainer(
-            vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
-            continuing_subword_prefix="##", show_progress=False)
+        if kind == "wordpiece":
+            backend = tokenizers.Tokenizer(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100))
+            backend.normalizer = normalizers.BertNormalizer(
+                clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=lowercase)
+            backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+            backend.decoder = decoders.WordPiece(prefix="##")
+            trainer = trainers.WordPieceTrainer(
+                vocab_size=vocab_size, min_frequency=min_frequency, special_tokens=list(SPECIAL_TOKENS),
+                continuing_subword_prefix="##", show_progress=False)
+        elif kind == "bpe":
+            backend = tokenizers.Tokenizer(models.BPE(unk_token=UNK))
+            steps = [normalizers.NFC()] + ([normalizers.Lowercase()] if lowercase else [])
+            backend.normalizer = normalizers.Sequence(steps)
+            backend.pre_tokenizer = pre_tokenizers.Metaspace()
+            backend.decoder = decoders.Metaspace()
+            trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
+                                          special_tokens=list(SPECIAL_TOKENS), show_progress=False)
+        else:
+            raise ValueError(f"kind must be 'wordpiece' or 'bpe', got {kind!r}.")
         if files is not None:
             missing = [str(f) for f in files if not Path(f).is_file()]
             if missing:

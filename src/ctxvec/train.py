@@ -30,7 +30,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ctxvec.checkpoint import (
     atomic_save_tensors, atomic_write_text, load_checkpoint, optimizer_from_tensors,
-    optimizer_to_tensors, save_checkpoint)
+    optimizer_to_tensors, save_checkpoint, unique_state, with_aliases)
 from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
 from ctxvec.encoder import NonFiniteError
@@ -284,7 +284,7 @@ class TrainingRun:
             meta = {"step": self.step, "world": self.d.world, "train": asdict(self.cfg),
                     "model": self.model_meta, "optimizer": opt_meta, "epoch": self.epoch_of(self.step)}
             save_checkpoint(self.run_dir, self.step,
-                            {"model": self.model.state_dict(), "optimizer": opt_tensors, "rng": rng}, meta)
+                            {"model": unique_state(self.model), "optimizer": opt_tensors, "rng": rng}, meta)
             self.export()
         self.d.barrier()
 
@@ -293,7 +293,7 @@ class TrainingRun:
             raise ValueError("the checkpoint's model config differs from this run's; resume with the same --config.")
         if meta["world"] != self.d.world:
             raise ValueError(f"the checkpoint was written by {meta['world']} process(es); resume with as many.")
-        self.model.load_state_dict(tensors["model"], strict=True)
+        self.model.load_state_dict(with_aliases(tensors["model"], self.model), strict=True)
         optimizer_from_tensors(self.optimizer, tensors["optimizer"], meta["optimizer"])
         torch.set_rng_state(tensors["rng"][f"torch.{self.d.rank}"])
         self.step = step
