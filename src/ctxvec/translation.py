@@ -38,7 +38,7 @@ from ctxvec.decoding import beam_search, greedy_decode
 from ctxvec.pipeline import length_sorted_batches
 from ctxvec.pretrained import WEIGHTS_FILE, load_state_strict, read_json, read_safetensors
 from ctxvec.textfile import InputFileError, check_readable, iter_texts
-from ctxvec.tokenizer import CLS, SEP, Tokenizer
+from ctxvec.tokenizer import CLS, SEP, Encoded, Tokenizer
 from ctxvec.train import TrainConfig, TrainingRun
 
 TRANSLATOR_CONFIG = "translator.json"
@@ -182,8 +182,8 @@ class TranslationTrainer(TrainingRun):
         self.held_out = {"valid": sorted({p.group for p in self.valid_pairs}),
                          "test": sorted({p.group for p in self.test_pairs})}
         self.tokenizer = self._prepare_tokenizer(tokenizer)
-        self.train_ids = self._encode(self.train_pairs, drop_long=True)
-        self.valid_ids = self._encode(self.valid_pairs, drop_long=False)
+        self.train_encoded = self._encode(self.train_pairs, drop_long=True)
+        self.valid_encoded = self._encode(self.valid_pairs, drop_long=False)
         self.micro_tokens = cfg.batch_tokens // (self.d.world * cfg.grad_accum)
         if self.micro_tokens < cfg.seq_len:
             raise ValueError(f"batch_tokens / (processes x grad_accum) = {self.micro_tokens} is below "
@@ -205,11 +205,10 @@ class TranslationTrainer(TrainingRun):
         self.d.barrier()
         return Tokenizer.load(target, max_len=self.cfg.seq_len)
 
-    def _encode(self, pairs: list[Pair], drop_long: bool) -> list[tuple[list[int], list[int]]]:
+    def _encode(self, pairs: list[Pair], drop_long: bool) -> list[tuple[Encoded, Encoded]]:
         src = self.tokenizer.tokenize([p.source for p in pairs])
         tgt = self.tokenizer.tokenize([p.target for p in pairs])
-        keep = [(s.ids, t.ids) for s, t in zip(src, tgt)
-                if not (drop_long and (s.truncated or t.truncated))]
+        keep = [(s, t) for s, t in zip(src, tgt) if not (drop_long and (s.truncated or t.truncated))]
         if not keep:
             raise ValueError("no sentence pair fits seq_len; raise --seq-len.")
         return keep
@@ -218,8 +217,8 @@ class TranslationTrainer(TrainingRun):
         while len(self._epochs) <= epoch:
             e = len(self._epochs)
             rng = np.random.default_rng((self.cfg.seed, e))
-            order = rng.permutation(len(self.train_ids)).tolist()
-            lengths = [max(len(s), len(t)) for s, t in self.train_ids]
+            order = rng.permutation(len(self.train_encoded)).tolist()
+            lengths = [max(len(s.ids), len(t.ids)) for s, t in self.train_encoded]
             batches: list[list[int]] = []
             pool = 64 * max(1, self.micro_tokens // 32)
             for start in range(0, len(order), pool):
@@ -246,23 +245,17 @@ class TranslationTrainer(TrainingRun):
     def epoch_of(self, step: int) -> int:
         return self._locate(step)[0]
 
-    def _pad(self, rows: list[tuple[list[int], list[int]]]) -> tuple[torch.Tensor, ...]:
-        def pad(seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-            width = max(len(s) for s in seqs)
-            ids = torch.full((len(seqs), width), self.tokenizer.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), width), dtype=torch.long)
-            for r, s in enumerate(seqs):
-                ids[r, :len(s)] = torch.tensor(s)
-                mask[r, :len(s)] = 1
-            return ids.to(self.d.device), mask.to(self.d.device)
-
-        return (*pad([s for s, _ in rows]), *pad([t for _, t in rows]))
+    def _pad(self, rows: list[tuple[Encoded, Encoded]]) -> tuple[torch.Tensor, ...]:
+        """(src_ids, src_mask, tgt_ids, tgt_mask), each (B, longest) right-padded, on the device."""
+        src, tgt = self.tokenizer.pad([s for s, _ in rows]), self.tokenizer.pad([t for _, t in rows])
+        return tuple(t.to(self.d.device) for t in (src.input_ids, src.attention_mask,
+                                                    tgt.input_ids, tgt.attention_mask))
 
     def micro_batches(self, step: int) -> list[tuple[torch.Tensor, ...]]:
         epoch, first = self._locate(step)
         batches = self.epoch_batches(epoch)[first:first + self.d.world * self.cfg.grad_accum]
         mine = batches[self.d.rank::self.d.world]  # disjoint per rank
-        return [self._pad([self.train_ids[i] for i in b]) for b in mine]
+        return [self._pad([self.train_encoded[i] for i in b]) for b in mine]
 
     def count(self, batch) -> int:
         return int(batch[3][:, 1:].sum())  # every target token after BOS is predicted
@@ -283,11 +276,11 @@ class TranslationTrainer(TrainingRun):
     def evaluate(self) -> dict:
         """Held-out cross-entropy (no smoothing), perplexity, and BLEU/chrF of greedy translations."""
         self.model.eval()
-        shard = list(range(self.d.rank, len(self.valid_ids), self.d.world))
+        shard = list(range(self.d.rank, len(self.valid_encoded), self.d.world))
         total, count = torch.zeros(()), torch.zeros(())
-        lengths = [max(len(self.valid_ids[i][0]), len(self.valid_ids[i][1])) for i in shard]
+        lengths = [max(len(self.valid_encoded[i][0].ids), len(self.valid_encoded[i][1].ids)) for i in shard]
         for batch in length_sorted_batches(lengths, self.micro_tokens):
-            padded = self._pad([self.valid_ids[shard[i]] for i in batch])
+            padded = self._pad([self.valid_encoded[shard[i]] for i in batch])
             with self.autocast():
                 total += self.loss_sum(self.model, padded, label_smoothing=0.0).float().cpu()
             count += self.count(padded)
@@ -302,7 +295,7 @@ class TranslationTrainer(TrainingRun):
         return record
 
     def describe(self) -> dict:
-        return {"train_pairs": len(self.train_ids), "dropped_long_pairs": len(self.train_pairs) - len(self.train_ids),
+        return {"train_pairs": len(self.train_encoded), "dropped_long_pairs": len(self.train_pairs) - len(self.train_encoded),
                 "valid_pairs": len(self.valid_pairs), "test_pairs": len(self.test_pairs), "held_out": self.held_out}
 
     def export(self) -> None:
