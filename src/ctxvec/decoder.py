@@ -224,7 +224,7 @@ def _config_and_state_from_torch(
         decoder: nn.TransformerDecoder) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """Key by key, as ``torch_compat`` does for the encoder. PyTorch's cross-attention keeps Q,
     K and V in one ``in_proj_weight`` [W_q; W_k; W_v]: rows 0:D become ``q``, rows D:3D ``kv``."""
-    from ctxvec.torch_compat import _activation_name
+    from ctxvec.torch_compat import _activation_name, check_stack
 
     if not isinstance(decoder, nn.TransformerDecoder):
         raise TypeError(f"expected an nn.TransformerDecoder, got {type(decoder).__name__}.")
@@ -243,19 +243,14 @@ def _config_and_state_from_torch(
             norm = getattr(layer, name)
             if not isinstance(norm, nn.LayerNorm) or norm.weight is None or norm.bias is None:
                 raise ValueError(f"layers[{i}].{name} must be an affine LayerNorm with bias.")
-    activations = {_activation_name(layer) for layer in layers}
-    norm_first = {layer.norm_first for layer in layers}
-    if len(activations) != 1 or len(norm_first) != 1:
-        raise ValueError("all layers must share one activation and one norm placement.")
+    check_stack(layers, decoder.norm, "decoder")
     final = decoder.norm
-    if final is not None and not isinstance(final, nn.LayerNorm):
-        raise ValueError(f"decoder.norm must be None or an nn.LayerNorm, got {type(final).__name__}.")
     first = layers[0]
     D = first.self_attn.embed_dim
     config = EncoderConfig(
         d_model=D, n_heads=first.self_attn.num_heads, d_ff=first.linear1.out_features,
-        n_layers=len(layers), dropout=first.dropout.p, activation=activations.pop(),  # type: ignore[arg-type]
-        norm_first=norm_first.pop(), layer_norm_eps=first.norm1.eps, final_norm=final is not None)
+        n_layers=len(layers), dropout=first.dropout.p, activation=_activation_name(first),  # type: ignore[arg-type]
+        norm_first=first.norm_first, layer_norm_eps=first.norm1.eps, final_norm=final is not None)
     state: dict[str, torch.Tensor] = {}
     for i, layer in enumerate(layers):
         theirs = {k: v.detach() for k, v in layer.state_dict().items()}

@@ -48,6 +48,17 @@ def _check_layer(i: int, layer: nn.Module) -> None:
             raise ValueError(f"layers[{i}].{name} must be an affine LayerNorm with bias.")
 
 
+def check_stack(layers: list[nn.Module], final: nn.Module | None, owner: str) -> None:
+    """What ctxvec's stacks assume of a PyTorch stack: one activation and one norm placement for
+    every layer, and a final norm that is None or a LayerNorm."""
+    activations = {_activation_name(layer) for layer in layers}
+    norm_first = {layer.norm_first for layer in layers}
+    if len(activations) != 1 or len(norm_first) != 1:
+        raise ValueError("all layers must share one activation and one norm placement.")
+    if final is not None and not isinstance(final, nn.LayerNorm):
+        raise ValueError(f"{owner}.norm must be None or an nn.LayerNorm, got {type(final).__name__}.")
+
+
 def config_and_state_from_torch(encoder: nn.TransformerEncoder) -> tuple[EncoderConfig, dict[str, torch.Tensor]]:
     """The ``EncoderConfig`` and ``EncoderStack`` state dict that reproduce ``encoder``."""
     if not isinstance(encoder, nn.TransformerEncoder):
@@ -56,21 +67,16 @@ def config_and_state_from_torch(encoder: nn.TransformerEncoder) -> tuple[Encoder
     for i, layer in enumerate(layers):
         _check_layer(i, layer)
     first = layers[0]
-    activations = {_activation_name(layer) for layer in layers}
-    norm_first = {layer.norm_first for layer in layers}
-    if len(activations) != 1 or len(norm_first) != 1:
-        raise ValueError("all layers must share one activation and one norm placement.")
+    check_stack(layers, encoder.norm, "encoder")
     final = encoder.norm
-    if final is not None and not isinstance(final, nn.LayerNorm):
-        raise ValueError(f"encoder.norm must be None or an nn.LayerNorm, got {type(final).__name__}.")
     config = EncoderConfig(
         d_model=first.self_attn.embed_dim,
         n_heads=first.self_attn.num_heads,
         d_ff=first.linear1.out_features,
         n_layers=len(layers),
         dropout=first.dropout.p,
-        activation=activations.pop(),  # type: ignore[arg-type]
-        norm_first=norm_first.pop(),
+        activation=_activation_name(first),  # type: ignore[arg-type]
+        norm_first=first.norm_first,
         layer_norm_eps=first.norm1.eps,
         final_norm=final is not None,
     )

@@ -128,13 +128,16 @@ def setup_distributed() -> Dist:
 
 # ---- the run --------------------------------------------------------------------------------
 
-def model_config(preset: str, tokenizer: Tokenizer, seq_len: int) -> EncoderConfig:
-    if preset in PRESETS:
-        base = EncoderConfig(**PRESETS[preset])
+def model_config(preset: str, tokenizer: Tokenizer, seq_len: int, presets: dict | None = None) -> EncoderConfig:
+    """The encoder config of a preset name (``presets``, default masked-LM's) or a JSON file,
+    sized to the tokenizer and to ``seq_len``."""
+    presets = PRESETS if presets is None else presets
+    if preset in presets:
+        base = EncoderConfig(**presets[preset])
     elif Path(preset).is_file():
         base = EncoderConfig.load(preset)
     else:
-        raise ValueError(f"unknown --config {preset!r}: use {', '.join(PRESETS)} or a JSON file.")
+        raise ValueError(f"unknown --config {preset!r}: use {', '.join(presets)} or an EncoderConfig JSON file.")
     return base.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                         max_len=max(base.max_len, seq_len))
 

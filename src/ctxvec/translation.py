@@ -32,14 +32,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctxvec.checkpoint import atomic_save_tensors, atomic_write, atomic_write_text, unique_state, with_aliases
-from ctxvec.config import EncoderConfig
 from ctxvec.decoder import Seq2SeqConfig, Translator
 from ctxvec.decoding import beam_search, greedy_decode
 from ctxvec.pipeline import length_sorted_batches
 from ctxvec.pretrained import WEIGHTS_FILE, load_state_strict, read_json, read_safetensors
 from ctxvec.textfile import InputFileError, check_readable, iter_texts
 from ctxvec.tokenizer import CLS, SEP, Encoded, Tokenizer
-from ctxvec.train import TrainConfig, TrainingRun
+from ctxvec.train import TrainConfig, TrainingRun, model_config
 
 TRANSLATOR_CONFIG = "translator.json"
 PRESETS = {
@@ -146,14 +145,8 @@ class TranslationConfig(TrainConfig):
 
 
 def seq2seq_config(preset: str, tokenizer: Tokenizer, max_len: int) -> Seq2SeqConfig:
-    if preset in PRESETS:
-        encoder = EncoderConfig(**PRESETS[preset])
-    elif Path(preset).is_file():
-        encoder = EncoderConfig.load(preset)
-    else:
-        raise ValueError(f"unknown --config {preset!r}: use {', '.join(PRESETS)} or an EncoderConfig JSON file.")
-    encoder = encoder.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
-                              max_len=max(encoder.max_len, max_len))
+    """One vocabulary for both languages: encoder, decoder and output share one token table."""
+    encoder = model_config(preset, tokenizer, max_len, PRESETS)
     return Seq2SeqConfig(encoder, tie_embeddings=True, share_embeddings=True)
 
 
