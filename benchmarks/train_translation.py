@@ -147,7 +147,9 @@ def projection(curve: list[tuple[int, float]], steps: int, per_step: float) -> d
     points = [(s, b) for s, b in curve if s > 0]
     if len(points) < 2:
         return {}
-    (s0, b0), (s1, b1) = points[-2], points[-1]
+    s1, b1 = points[-1]
+    # the last segment spanning at least an eighth of the run (not the final re-evaluation)
+    s0, b0 = next(((s, b) for s, b in reversed(points) if s1 - s >= max(10, s1 // 8)), points[0])
     if b1 >= 15:
         return {"reached": True}
     slope = (b1 - b0) / max(1, s1 - s0)  # BLEU per step
