@@ -236,3 +236,39 @@ def test_token_packing_round_trip():
     packed = packing.pack(x)
     assert packed.shape == (int(mask.sum()), 3)
     assert torch.equal(packing.unpack(packed), x)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("padded", [False, True], ids=["full", "padded"])
+def test_positions_give_the_full_output_at_those_positions(variant, padded):
+    encoder = Encoder(tiny_config(**variant)).eval()
+    ids, mask = random_batch(4, 9, 64, min_len=2)
+    if not padded:
+        mask = torch.ones_like(mask)
+    positions = (torch.rand(4, 9) < 0.3) & mask.bool()
+    positions[0, 0] = True
+    full = encoder(ids, mask).last_hidden_state
+    chosen = encoder(ids, mask, positions=positions).last_hidden_state
+    assert chosen.shape == (int(positions.sum()), 32)
+    assert (chosen - full[positions]).abs().max().item() < 1e-6
+    # gradients flow the same way too (training, dropout 0)
+    encoder.train()
+    encoder(ids, mask, positions=positions).last_hidden_state.sum().backward()
+    grads = [p.grad.clone() for p in encoder.parameters()]
+    encoder.zero_grad()
+    encoder(ids, mask).last_hidden_state[positions].sum().backward()
+    for a, p in zip(grads, encoder.parameters()):
+        assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+def test_bad_positions_are_clear_errors(encoder):
+    ids, mask = random_batch(2, 6, 64, min_len=2)
+    mask[1, -1] = 0
+    with pytest.raises(ValueError, match="padding position"):
+        encoder(ids, mask, positions=torch.ones(2, 6, dtype=torch.bool))
+    with pytest.raises(TypeError, match="bool tensor"):
+        encoder(ids, mask, positions=mask)
+    with pytest.raises(ValueError, match="must match"):
+        encoder(ids, mask, positions=torch.ones(2, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="cannot be combined"):
+        encoder(ids, mask, positions=mask.bool(), output_hidden_states=True)

@@ -15,7 +15,9 @@ import torch
 from safetensors.torch import load_file
 
 from ctxvec.checkpoint import load_checkpoint
+from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
+from ctxvec.mlm import MaskedLanguageModel
 from ctxvec.models import seed_tokenizer
 from ctxvec.train import Trainer, TrainConfig
 
@@ -277,3 +279,22 @@ def test_plot(tmp_path, corpus, tokenizer_file):
     assert result.exit_code == 0, result.output
     png = (tmp_path / "run" / "loss.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_masked_lm_loss_is_the_full_encoder_read_at_the_chosen_positions(norm_first):
+    """The last layer computes the chosen positions only; the loss is the same as computing all."""
+    config = EncoderConfig(vocab_size=50, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0,
+                           max_len=16, norm_first=norm_first, final_norm=norm_first)
+    model = MaskedLanguageModel(config)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(5, 50, (3, 12), generator=g)
+    labels = torch.randint(5, 50, (3, 12), generator=g)
+    chosen = torch.rand(3, 12, generator=g) < 0.2
+    chosen[0, 1] = True
+    out = model(ids, labels, chosen)
+    hidden = model.encoder(ids).last_hidden_state[chosen]  # every position, then read
+    logits = model.head(hidden, model.encoder.embeddings.tokens.weight)
+    expected = torch.nn.functional.cross_entropy(logits, labels[chosen], reduction="sum")
+    assert out.n_predicted == int(chosen.sum())
+    assert abs(out.loss_sum.item() - expected.item()) < 1e-4 * expected.item()

@@ -23,6 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ctxvec.dropout import Dropout
+
 
 @dataclass
 class AttentionOutput:
@@ -86,15 +88,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
-           dropout: nn.Dropout, return_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+           dropout: Dropout, return_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Step 2 of every multi-head attention here: the eager ``attention`` when probabilities are
     asked for, PyTorch's fused kernel otherwise (same inputs, same outputs).
+
+    Training on CPU with dropout also takes the eager path: PyTorch's CPU kernel has no dropout
+    and falls back to the same eager steps, but with its slower per-element dropout mask.
 
     q: (B, H, T, Dh); k, v: (B, H, S, Dh); key_mask: bool broadcastable to (B, H, T, S).
     Returns ``(heads (B, H, T, Dh), probabilities (B, H, T, S) or None)``.
     """
     if return_probabilities:
         return attention(q, k, v, key_mask, dropout)
+    if dropout.training and dropout.p > 0 and q.device.type == "cpu":
+        return attention(q, k, v, key_mask, dropout)[0], None
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=key_mask, dropout_p=dropout.p if dropout.training else 0.0)
     return heads, None
@@ -115,16 +122,19 @@ class MultiHeadSelfAttention(nn.Module):
         self.n_heads = n_heads
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 return_probabilities: bool = False, packing: TokenPacking | None = None,
-                past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None) -> AttentionOutput:
+                past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
+                rows: torch.Tensor | None = None) -> AttentionOutput:
         """x: (B, T, D), or (N, D) real tokens with their ``packing``; key_mask: bool (B, 1, 1, T).
 
         ``past_key_value`` (a decoder's cache, 2 x (B, H, P, Dh)) is prepended to this call's keys
         and values, so T new tokens attend to P + T keys; key_mask is then (B, 1, T, P + T).
-        Returns an output shaped like ``x``, with the keys and values attended to.
+        ``rows`` (M,): indices into ``x``'s rows (flattened to (B * T, D) or (N, D)); when given,
+        only those rows go through the output projection and the output is (M, D).
+        Returns an output shaped like ``x`` (or (M, D)), with the keys and values attended to.
         """
         D, H = x.shape[-1], self.n_heads
         if past_key_value is not None and packing is not None:
@@ -145,6 +155,8 @@ class MultiHeadSelfAttention(nn.Module):
         heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if packing is not None:
             heads = packing.pack(heads)  # (B, T, D) -> (N, D)
+        if rows is not None:
+            heads = heads.reshape(-1, D).index_select(0, rows)  # (B * T or N, D) -> (M, D)
         return AttentionOutput(self.out(heads), probabilities, (k, v))
 
 
@@ -165,7 +177,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.q = nn.Linear(d_model, d_model)
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
-        self.attn_dropout = nn.Dropout(dropout)
+        self.attn_dropout = Dropout(dropout)
 
     def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """memory: (B, S, D) -> keys, values: 2 x (B, H, S, Dh)."""

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from ctxvec.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
 from ctxvec.config import EncoderConfig, refuse_unknown_fields
+from ctxvec.dropout import Dropout
 from ctxvec.embedding import Embeddings
 from ctxvec.encoder import Encoder, _is_integer, check_attention_mask, init_weights, key_mask_from
 from ctxvec.layer import FeedForward
@@ -87,13 +88,13 @@ class DecoderLayer(nn.Module):
         D, p = config.d_model, config.dropout
         self.norm_first = config.norm_first
         self.self_attention = MultiHeadSelfAttention(D, config.n_heads, p)
-        self.dropout1 = nn.Dropout(p)
+        self.dropout1 = Dropout(p)
         self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.cross_attention = MultiHeadCrossAttention(D, config.n_heads, p)
-        self.dropout2 = nn.Dropout(p)
+        self.dropout2 = Dropout(p)
         self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(D, config.d_ff, p, config.activation)
-        self.dropout3 = nn.Dropout(p)
+        self.dropout3 = Dropout(p)
         self.norm3 = nn.LayerNorm(D, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, self_mask: torch.Tensor | None,

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from ctxvec.config import EncoderConfig
+from ctxvec.dropout import Dropout
 
 
 def one_hot(input_ids: torch.Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -108,7 +109,7 @@ class Embeddings(nn.Module):
                             if config.type_vocab_size else None)
         self.norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
                      if config.embedding_norm else None)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
                 start: int = 0) -> torch.Tensor:

@@ -24,7 +24,8 @@ class EncoderOutput:
 
     Attributes:
         last_hidden_state: (B, T, D) one context vector per token; 0 at padding positions
-            (the layers skip padding: only real tokens are computed).
+            (the layers skip padding: only real tokens are computed). With ``positions``:
+            (M, D), the vectors at those positions only, in row-major order (``h[positions]``).
         hidden_states: with ``output_hidden_states``: the layer stack's input followed by each
             layer's output, n_layers + 1 tensors of (B, T, D).
         attentions: with ``output_attentions``: each layer's attention probabilities,
@@ -140,7 +141,13 @@ class EncoderStack(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
-                ) -> EncoderOutput:
+                positions: torch.Tensor | None = None) -> EncoderOutput:
+        """hidden_states: (B, T, D); attention_mask: (B, T), 1/True = real token.
+
+        positions: optional (B, T) bool, True where an output vector is wanted (real tokens
+        only). The output is then (M, D), ``full_output[positions]``, and the last layer runs
+        its token-wise steps (out-projection, Add & Norm, feed-forward) at those rows only.
+        """
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
             raise ValueError("hidden_states must be a (batch, seq_len, d_model) tensor, got "
                              f"{getattr(hidden_states, 'shape', type(hidden_states).__name__)}.")
@@ -152,15 +159,21 @@ class EncoderStack(nn.Module):
         # With padding, the layers work on the real tokens only, packed as (N, D); attention
         # alone unpacks them. Padding positions of the output are then 0.
         packing = TokenPacking.from_mask(mask) if key_mask is not None else None
+        rows = self._rows(positions, mask, packing) if positions is not None else None
+        if rows is not None and output_hidden_states:
+            raise ValueError("positions and output_hidden_states cannot be combined: the last "
+                             "layer computes only the chosen positions.")
         check_finite(hidden_states, "hidden_states", self, mask)
         x = packing.pack(hidden_states) if packing is not None else hidden_states
-        unpack = packing.unpack if packing is not None else (lambda t: t)
+        unpack = packing.unpack if packing is not None and rows is None else (lambda t: t)
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
-            out = layer(x, key_mask, return_attention=output_attentions, packing=packing)
+            last = i == len(self.layers) - 1
+            out = layer(x, key_mask, return_attention=output_attentions, packing=packing,
+                        rows=rows if last else None)
             x = out.hidden_state
-            if self.final_norm is not None and i == len(self.layers) - 1:
+            if self.final_norm is not None and last:
                 x = self.final_norm(x)
             if all_hidden is not None:
                 all_hidden.append(unpack(x))
@@ -175,6 +188,22 @@ class EncoderStack(nn.Module):
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attentions) if all_attentions is not None else None,
         )
+
+    @staticmethod
+    def _rows(positions: torch.Tensor, real: torch.Tensor, packing: TokenPacking | None) -> torch.Tensor:
+        """(B, T) bool positions -> (M,) their row indices in the layers' (B * T or N, D) rows."""
+        if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool:
+            raise TypeError("positions must be a bool tensor, True where an output is wanted.")
+        if positions.shape != real.shape or positions.device != real.device:
+            raise ValueError(f"positions has shape {tuple(positions.shape)} on {positions.device}; it "
+                             f"must match the input's (batch, seq_len) = {tuple(real.shape)} on {real.device}.")
+        if bool((positions & ~real).any()):
+            raise ValueError("positions marks a padding position; only real tokens have outputs.")
+        flat = positions.flatten()
+        if packing is None:
+            return flat.nonzero().squeeze(1)  # (M,) rows of (B * T, D)
+        packed_row = real.flatten().cumsum(0) - 1  # (B * T,) row of each real token in (N, D)
+        return packed_row[flat]  # (M,)
 
     @classmethod
     def from_torch(cls, encoder: nn.TransformerEncoder) -> EncoderStack:
@@ -235,8 +264,10 @@ class Encoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, output_hidden_states: bool = False,
-                output_attentions: bool = False) -> EncoderOutput:
-        """input_ids, attention_mask, token_type_ids: (B, T). Returns an ``EncoderOutput``."""
+                output_attentions: bool = False, positions: torch.Tensor | None = None,
+                ) -> EncoderOutput:
+        """input_ids, attention_mask, token_type_ids: (B, T). Returns an ``EncoderOutput``;
+        with ``positions`` ((B, T) bool) only the vectors there, (M, D) (see ``EncoderStack``)."""
         self.check_input_ids(input_ids)
         if token_type_ids is not None:
             if self.embeddings.token_types is None:
@@ -248,4 +279,4 @@ class Encoder(nn.Module):
                 raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size}).")
         x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
         check_finite(x, "the embeddings", self.embeddings)
-        return self.stack(x, attention_mask, output_hidden_states, output_attentions)
+        return self.stack(x, attention_mask, output_hidden_states, output_attentions, positions)

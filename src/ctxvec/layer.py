@@ -13,6 +13,7 @@ from torch.nn import functional as F
 
 from ctxvec.attention import MultiHeadSelfAttention, TokenPacking
 from ctxvec.config import EncoderConfig
+from ctxvec.dropout import Dropout
 
 _ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as BERT uses
 
@@ -24,7 +25,7 @@ class FeedForward(nn.Module):
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
         self.activation = _ACTIVATIONS[activation]
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = Dropout(dropout)
         self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -56,21 +57,32 @@ class EncoderLayer(nn.Module):
         super().__init__()
         self.norm_first = config.norm_first
         self.attention = MultiHeadSelfAttention(config.d_model, config.n_heads, config.dropout)
-        self.dropout1 = nn.Dropout(config.dropout)
+        self.dropout1 = Dropout(config.dropout)
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
-        self.dropout2 = nn.Dropout(config.dropout)
+        self.dropout2 = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
-                return_attention: bool = False, packing: TokenPacking | None = None) -> LayerOutput:
-        """x: (B, T, D), or (N, D) real tokens with their ``packing``. Returns the same shape."""
+                return_attention: bool = False, packing: TokenPacking | None = None,
+                rows: torch.Tensor | None = None) -> LayerOutput:
+        """x: (B, T, D), or (N, D) real tokens with their ``packing``. Returns the same shape.
+
+        ``rows`` (M,): compute the output only at these rows of ``x`` (flattened to (B * T, D) or
+        (N, D)) and return it as (M, D). Every token is still a key and value of the attention;
+        only the out-projection, the residuals, the norms and the feed-forward are skipped
+        elsewhere (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
+        """
         if self.norm_first:
-            a = self.attention(self.norm1(x), key_mask, return_attention, packing)
+            a = self.attention(self.norm1(x), key_mask, return_attention, packing, rows=rows)
+            if rows is not None:
+                x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # (M, D)
             x = x + self.dropout1(a.output)
             x = x + self.dropout2(self.feed_forward(self.norm2(x)))
         else:
-            a = self.attention(x, key_mask, return_attention, packing)
+            a = self.attention(x, key_mask, return_attention, packing, rows=rows)
+            if rows is not None:
+                x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # (M, D)
             x = self.norm1(x + self.dropout1(a.output))
             x = self.norm2(x + self.dropout2(self.feed_forward(x)))
         return LayerOutput(x, a.probabilities)

