@@ -73,16 +73,14 @@ class EncoderLayer(nn.Module):
         only the out-projection, the residuals, the norms and the feed-forward are skipped
         elsewhere (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
         """
+        # the residual stream at the rows computed: all of x, or (M, D)
+        residual = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
         if self.norm_first:
             a = self.attention(self.norm1(x), key_mask, return_attention, packing, rows=rows)
-            if rows is not None:
-                x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # (M, D)
-            x = x + self.dropout1(a.output)
+            x = residual + self.dropout1(a.output)
             x = x + self.dropout2(self.feed_forward(self.norm2(x)))
         else:
             a = self.attention(x, key_mask, return_attention, packing, rows=rows)
-            if rows is not None:
-                x = x.reshape(-1, x.shape[-1]).index_select(0, rows)  # (M, D)
-            x = self.norm1(x + self.dropout1(a.output))
+            x = self.norm1(residual + self.dropout1(a.output))
             x = self.norm2(x + self.dropout2(self.feed_forward(x)))
         return LayerOutput(x, a.probabilities)
