@@ -298,3 +298,47 @@ def test_masked_lm_loss_is_the_full_encoder_read_at_the_chosen_positions(norm_fi
     expected = torch.nn.functional.cross_entropy(logits, labels[chosen], reduction="sum")
     assert out.n_predicted == int(chosen.sum())
     assert abs(out.loss_sum.item() - expected.item()) < 1e-4 * expected.item()
+
+
+def test_masked_lm_training_follows_bert_for_masked_lm_on_the_same_weights():
+    """Same weights, same batches, dropout 0: ctxvec's masked-LM losses and weights follow Hugging
+    Face BertForMaskedLM's step for step (what the throughput benchmark's speed is measured on)."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from ctxvec.pretrained import bert_config, bert_state_dict
+
+    hf_config = BertConfig(vocab_size=60, hidden_size=32, num_attention_heads=4, intermediate_size=64,
+                           num_hidden_layers=2, hidden_act="gelu", max_position_embeddings=16,
+                           hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, layer_norm_eps=1e-12)
+    torch.manual_seed(3)
+    hf = BertForMaskedLM(hf_config).train()
+    hf_state = hf.state_dict()
+    config = bert_config({**hf_config.to_dict(), "model_type": "bert"})
+    ours = MaskedLanguageModel(config).train()
+    encoder = {k: v for k, v in hf_state.items() if k.startswith("bert.")}
+    state = {f"encoder.{k}": v for k, v in bert_state_dict(encoder, config).items()}
+    state.update({"head.dense.weight": hf_state["cls.predictions.transform.dense.weight"],
+                  "head.dense.bias": hf_state["cls.predictions.transform.dense.bias"],
+                  "head.norm.weight": hf_state["cls.predictions.transform.LayerNorm.weight"],
+                  "head.norm.bias": hf_state["cls.predictions.transform.LayerNorm.bias"],
+                  "head.bias": hf_state["cls.predictions.bias"]})
+    ours.load_state_dict(state, strict=True)
+    optimizers = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in (ours, hf)]
+    g = torch.Generator().manual_seed(4)
+    for step in range(4):
+        ids = torch.randint(1, 60, (3, 12), generator=g)  # 0 is the padding id: no padding here
+        labels = torch.randint(1, 60, (3, 12), generator=g)
+        chosen = torch.rand(3, 12, generator=g) < 0.25
+        chosen[:, 0] = True
+        out = ours(ids, labels, chosen)
+        loss_ours = out.loss_sum / out.n_predicted
+        loss_hf = hf(input_ids=ids, labels=torch.where(chosen, labels, -100)).loss
+        assert abs(loss_ours.item() - loss_hf.item()) < 1e-5, step
+        for loss, opt in zip((loss_ours, loss_hf), optimizers):
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+    ours_now = ours.encoder.embeddings.tokens.weight
+    hf_now = hf.bert.embeddings.word_embeddings.weight
+    assert not torch.equal(ours_now, state["encoder.embeddings.tokens.weight"])  # it did train
+    assert (ours_now - hf_now).abs().max().item() < 1e-5
