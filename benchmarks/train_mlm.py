@@ -64,13 +64,35 @@ def predictions(run: Path, tokenizer: Tokenizer) -> list[dict]:
     return out
 
 
+def run_config(args) -> TrainConfig:
+    return TrainConfig(steps=args.max_steps, batch_tokens=4096, seq_len=128, lr=1e-3, warmup=100,
+                       eval_every=100, save_every=100, eval_sequences=256)
+
+
+def most_frequent_baseline(trainer: Trainer) -> dict:
+    """Held-out top-1 accuracy of always answering the training split's most frequent token."""
+    counts = np.bincount(trainer.train_seqs.ravel(), minlength=trainer.tokenizer.vocab_size)
+    counts[trainer.masking.special_ids] = 0
+    top = int(counts.argmax())
+    idx = np.arange(len(trainer.eval_seqs))
+    _, labels, chosen = trainer.masking(trainer.eval_seqs, idx, trainer.cfg.seed, 2**31)  # evaluate()'s masks
+    return {"token": trainer.tokenizer.id_to_token(top), "accuracy": float((labels[chosen] == top).mean())}
+
+
+def held_out_report(trainer: Trainer) -> dict:
+    """What the trained run knows on held-out text: loss, perplexity, top-1 accuracy beside the
+    most-frequent-token baseline, and masked-word predictions."""
+    after = trainer.evaluate()
+    return {"steps": trainer.step, "after": after, "baseline": most_frequent_baseline(trainer),
+            "predictions": predictions(trainer.run_dir, trainer.tokenizer)}
+
+
 def train_real(args, facts) -> dict:
     run = args.out / "mlm_run"
     if run.exists():
         import shutil
         shutil.rmtree(run)
-    cfg = TrainConfig(steps=args.max_steps, batch_tokens=4096, seq_len=128, lr=1e-3, warmup=100,
-                      eval_every=100, save_every=100, eval_sequences=256)
+    cfg = run_config(args)
     trainer = Trainer([SHARED_WEB], run, cfg, preset="small", progress=True)
     before = trainer.evaluate()
     trainer.log(before)
@@ -81,16 +103,25 @@ def train_real(args, facts) -> dict:
         trainer.log(record)
         if trainer.step % cfg.eval_every == 0:
             trainer.log(trainer.evaluate())
+        if trainer.step % cfg.save_every == 0:
+            trainer.save()
         if trainer.step % 50 == 0:
             print(f"step {trainer.step}: loss {record['loss']:.3f}", flush=True)
-    after = trainer.evaluate()
-    trainer.log(after)
     trainer.save()
+    report = held_out_report(trainer)
+    trainer.log(report["after"])
     subprocess.run([sys.executable, "-m", "ctxvec", "plot", str(run), "-o", str(args.out / "mlm_loss.png")],
                    check=True)
-    return {"steps": trainer.step, "minutes": args.minutes, "threads": args.threads, "train_sequences": len(trainer.train_seqs),
-            "eval_sequences": len(trainer.eval_seqs), "before": before, "after": after,
-            "predictions": predictions(run, trainer.tokenizer), "png": "benchmarks/results/mlm_loss.png"}
+    return {"minutes": args.minutes, "threads": args.threads, "train_sequences": len(trainer.train_seqs),
+            "eval_sequences": len(trainer.eval_seqs), "before": before, **report,
+            "png": "benchmarks/results/mlm_loss.png"}
+
+
+def evaluate_run(args, training: dict) -> dict:
+    """Re-read the finished run (its last checkpoint) and redo its held-out report."""
+    trainer = Trainer([SHARED_WEB], args.out / "mlm_run", run_config(args), preset="small", resume=True,
+                      progress=False)
+    return {**training, **held_out_report(trainer)}
 
 
 def throughput(args) -> dict:
@@ -162,8 +193,13 @@ def markdown(r: dict) -> str:
            "tokens (held out: 5% of the 100-verse documents).", "",
            "| | held-out masked-LM loss | perplexity |", "|---|---:|---:|",
            f"| before (random init) | {t['before']['eval_loss']:.3f} | {t['before']['eval_perplexity']:.0f} |",
-           f"| after | {t['after']['eval_loss']:.3f} | {t['after']['eval_perplexity']:.1f} |", "",
-           f"![loss curve]({t['png']})", "", "Masked-word predictions of the trained model (top 5):", ""]
+           f"| after | {t['after']['eval_loss']:.3f} | {t['after']['eval_perplexity']:.1f} |", ""]
+    if "eval_accuracy" in t["after"]:
+        b = t["baseline"]
+        out += [f"Held-out top-1 accuracy at the masked positions: **{100 * t['after']['eval_accuracy']:.1f}%**, "
+                f"against {100 * b['accuracy']:.1f}% for always answering the most frequent token "
+                f"(`{b['token']}`).", ""]
+    out += [f"![loss curve]({t['png']})", "", "Masked-word predictions of the trained model (top 5):", ""]
     out += [f"- `{p['text']}` -> {', '.join(p['top5'])}" for p in t["predictions"]]
     out += ["", "**Training throughput**, seed dims (512 / 8 / 1024 / 12), same vocabulary, batch 16 x 128, "
             "one fused AdamW step (`torch.optim.AdamW(fused=True)`, as ctxvec's Trainer) for both, "
@@ -188,8 +224,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true")
-    parser.add_argument("--part", choices=["all", "train", "throughput"], default="all",
-                        help="run one half; the other is taken from the last results JSON")
+    parser.add_argument("--part", choices=["all", "train", "throughput", "evaluate"], default="all",
+                        help="run one half (the other is taken from the last results JSON); evaluate: "
+                             "redo the held-out report of the finished run (same --max-steps)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", category=UserWarning)
@@ -198,8 +235,11 @@ def main() -> None:
     result = {"machine": facts, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     previous = args.out / "train_mlm.json"
     old = json.loads(previous.read_text()) if previous.exists() and args.part != "all" else {}
-    result["training"] = train_real(args, facts) if args.part != "throughput" else old["training"]
-    result["throughput"] = throughput(args) if args.part != "train" else old["throughput"]
+    if args.part == "evaluate":
+        result["training"] = evaluate_run(args, old["training"])
+    else:
+        result["training"] = train_real(args, facts) if args.part != "throughput" else old["training"]
+    result["throughput"] = throughput(args) if args.part in ("all", "throughput") else old["throughput"]
     write_results("train_mlm", result, markdown(result), args.out, update=not args.no_update)
 
 

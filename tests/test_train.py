@@ -116,6 +116,14 @@ def test_training_lowers_the_loss_and_the_run_is_a_model(tmp_path, corpus, token
     evals = [r["eval_loss"] for r in records if "eval_loss" in r]
     assert evals[-1] < evals[0] - 1.0
     assert result["eval_perplexity"] == pytest.approx(np.exp(result["eval_loss"]))
+    # held-out accuracy: the share of chosen positions whose top score is the right token
+    idx = np.arange(len(trainer.eval_seqs))
+    arrays = trainer.masking(trainer.eval_seqs, idx, cfg.seed, 2**31)  # evaluate()'s fixed masks
+    inputs, labels, chosen = (torch.from_numpy(a) for a in arrays)
+    with torch.no_grad():
+        logits = trainer.model.eval()(inputs, labels, chosen).logits
+    right = (logits.argmax(-1) == labels[chosen]).double().mean().item()
+    assert result["eval_accuracy"] == pytest.approx(right) and 0 < right < 1
     pipeline = ctxvec.load(tmp_path / "run")
     assert pipeline.encode(["the earth was good"])[0].vectors.shape == (6, 32)
 

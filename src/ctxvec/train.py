@@ -105,9 +105,11 @@ class Dist:
             dist.barrier()
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
+        """The sum over processes (NCCL reduces on the GPU: the value travels there and back)."""
         if self.world > 1:
-            value = value.clone()
-            dist.all_reduce(value)
+            on_device = value.to(self.device, copy=True)
+            dist.all_reduce(on_device)
+            value = on_device.to(value.device)
         return value
 
 
@@ -402,7 +404,7 @@ class Trainer(TrainingRun):
     def evaluate(self) -> dict:
         self.model.eval()
         shard = np.arange(len(self.eval_seqs))[self.d.rank::self.d.world]
-        total, count = torch.zeros(()), torch.zeros(())
+        total, count, right = torch.zeros(()), torch.zeros(()), torch.zeros(())
         for start in range(0, len(shard), self.per_step):
             idx = shard[start:start + self.per_step]
             arrays = self.masking(self.eval_seqs[idx], idx, self.cfg.seed, 2**31)  # fixed masks
@@ -411,8 +413,11 @@ class Trainer(TrainingRun):
                 out = self.model(inputs, labels, chosen)
             total += out.loss_sum.float().cpu()
             count += out.n_predicted
-        loss = (self.d.sum(total) / self.d.sum(count).clamp(min=1)).item()
-        return {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0))}
+            right += (out.logits.argmax(-1) == labels[chosen]).sum().cpu()
+        n = self.d.sum(count).clamp(min=1)
+        loss = (self.d.sum(total) / n).item()
+        return {"step": self.step, "eval_loss": loss, "eval_perplexity": math.exp(min(loss, 50.0)),
+                "eval_accuracy": (self.d.sum(right) / n).item()}  # top-1 at the chosen positions
 
     def export(self) -> None:
         export_model(self.run_dir, self.model, self.tokenizer, self.cfg)
