@@ -18,6 +18,8 @@ device (CUDA's dropout is already a fused kernel) it calls ``F.dropout``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -33,9 +35,7 @@ def drop_probability(p: float) -> float:
 def keep_mask(shape: torch.Size | tuple[int, ...], p: float, device: torch.device | str = "cpu",
               generator: torch.Generator | None = None) -> torch.Tensor:
     """A bool tensor of ``shape``, each element True (kept) with probability 1 - drop_probability(p)."""
-    n = 1
-    for size in shape:
-        n *= size
+    n = math.prod(shape)
     lanes_per_word = 64 // LANE_BITS
     words = torch.empty((n + lanes_per_word - 1) // lanes_per_word, dtype=torch.int64, device=device)
     words.random_(-2**63, None, generator=generator)  # full 64-bit range: every bit uniform
