@@ -63,26 +63,34 @@ def inference_flops(config: EncoderConfig, lengths) -> float:
     return float(sum(2 * n * t + 4 * config.n_layers * config.d_model * t * t for t in lengths))
 
 
-def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 5) -> float:
-    """Measured GFLOP/s of the model's own GEMMs (QKV, out, FFN up, FFN down) at ``rows`` tokens."""
+def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 5) -> dict[str, float]:
+    """Measured GFLOP/s of the model's own GEMMs (QKV, out, FFN up, FFN down) at ``rows`` tokens,
+    by PyTorch's two CPU routes: ``F.linear`` (MKL in fp32, oneDNN in bf16) and the oneDNN
+    linear on repacked weights that ``ctxvec.runtime.linear`` takes at inference. The machine's
+    limit is the better of the two (``max`` of the returned values)."""
+    from ctxvec.runtime import linear
+
     d, f = config.d_model, config.d_ff
     shapes = [(d, 3 * d), (d, d), (d, f), (f, d)]
     xs = {k: torch.randn(rows, k, dtype=dtype) for k in {d, f}}
-    ws = [(torch.randn(n, k, dtype=dtype), torch.randn(n, dtype=dtype)) for k, n in shapes]
+    layers = [torch.nn.Linear(k, n).to(dtype) for k, n in shapes]
     flops = sum(2 * rows * k * n for k, n in shapes)
-
-    def once() -> None:
-        for (k, _), (w, b) in zip(shapes, ws):
-            F.linear(xs[k], w, b)
-
+    routes = {"F.linear": lambda x, layer: F.linear(x, layer.weight, layer.bias), "oneDNN": linear}
+    result = {}
     with torch.inference_mode():
-        once()
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
+        for name, route in routes.items():
+            def once() -> None:
+                for (k, _), layer in zip(shapes, layers):
+                    route(xs[k], layer)
+
             once()
-            times.append(time.perf_counter() - start)
-    return flops / statistics.median(times) / 1e9
+            times = []
+            for _ in range(reps):
+                start = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - start)
+            result[name] = flops / statistics.median(times) / 1e9
+    return result
 
 
 def write_results(name: str, result: dict, md: str, out: Path, update: bool) -> None:

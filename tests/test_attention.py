@@ -1,10 +1,16 @@
+import importlib
 import math
 
 import pytest
 import torch
+from torch.nn import functional as F
 
 from ctxvec import MultiHeadSelfAttention, attention
+from ctxvec.attention import TokenPacking, batched_attention
+from ctxvec.decoder import causal_key_mask
 from ctxvec.encoder import key_mask_from
+
+attention_module = importlib.import_module("ctxvec.attention")  # ctxvec.attention is the function
 
 
 def _mask(lengths, T):
@@ -67,3 +73,77 @@ def test_heads_are_independent_slices_of_d_model():
     after = mha(x, return_probabilities=True)
     assert torch.equal(before.probabilities, after.probabilities)  # Q, K untouched
     assert not torch.allclose(before.output, after.output)
+
+
+def _masks(B, T):
+    real = _mask([T] + [max(1, T - 3 * i) for i in range(1, B)], T)
+    return {"none": None, "padding": key_mask_from(real), "causal": causal_key_mask(real, T)}
+
+
+@pytest.mark.parametrize("mask", ["none", "padding", "causal"])
+@pytest.mark.parametrize("head_major", [False, True])
+def test_batched_attention_equals_the_eager_function(mask, head_major):
+    B, H, T, Dh = 3, 4, 9, 8
+    q, k, v = torch.randn(3, B, H, T, Dh).unbind(0)
+    if head_major:  # the layout TokenPacking.unpack_heads gives: (H, B, T, Dh) in memory
+        q, k, v = (t.transpose(0, 1).contiguous().transpose(0, 1) for t in (q, k, v))
+    key_mask = _masks(B, T)[mask]
+    expected, _ = attention(q, k, v, key_mask)
+    got = batched_attention(q, k, v, key_mask)
+    assert got.shape == (B, H, T, Dh)
+    assert torch.allclose(got, expected, atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.ops.mkldnn._is_mkldnn_bf16_supported(), reason="no native bf16")
+@pytest.mark.parametrize("scale", [1.0, 2.0])
+def test_batched_attention_in_bf16_stays_close_to_the_fused_kernel(scale):
+    """bf16 scores (rounded once), fp32 softmax: within 2.5x the fused kernel's error, < 3%."""
+    q, k, v = (t * scale for t in torch.randn(3, 4, 6, 33, 32).unbind(0))
+    key_mask = _masks(4, 33)["padding"]
+    expected, _ = attention(q.double(), k.double(), v.double(), key_mask)
+    ours = batched_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), key_mask)
+    fused = F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=key_mask)
+    assert ours.dtype == torch.bfloat16
+
+    def error(t):
+        return ((t.double() - expected).abs().max() / expected.abs().max()).item()
+
+    assert error(ours) < 0.03 and error(ours) < 2.5 * error(fused)
+
+
+@pytest.mark.parametrize("seq_len", [7, 40])
+@pytest.mark.parametrize("packed", [False, True])
+def test_every_attention_route_gives_the_same_output(seq_len, packed, monkeypatch):
+    """Eager (probabilities asked for), batched (short sequences on CPUs), fused (long ones)."""
+    mha = MultiHeadSelfAttention(d_model=32, n_heads=4, dropout=0.0).eval()
+    real = _mask([seq_len, seq_len - 5, 3], seq_len)
+    key_mask = key_mask_from(real)
+    x = torch.randn(3, seq_len, 32)
+    packing = TokenPacking.from_mask(real, row_multiple=16) if packed else None
+    inputs = packing.pack(x) if packed else x
+
+    def run(**kw):
+        out = mha(inputs, key_mask, packing=packing, **kw).output
+        return packing.unpack(out) if packed else out
+
+    eager = run(return_probabilities=True)
+    monkeypatch.setattr(attention_module, "FUSED_CPU_MIN_SCORES", 10**9)
+    batched = run()
+    monkeypatch.setattr(attention_module, "FUSED_CPU_MIN_SCORES", 0)
+    fused = run()
+    for other in (batched, fused):
+        assert torch.allclose(other[real], eager[real], atol=1e-6)
+
+
+@pytest.mark.parametrize("row_multiple", [1, 8, 64])
+def test_packing_rounds_the_rows_up_and_round_trips(row_multiple):
+    real = _mask([5, 2, 7], 7)
+    packing = TokenPacking.from_mask(real, row_multiple)
+    x = torch.randn(3, 7, 6)
+    packed = packing.pack(x)
+    assert packed.shape[0] % row_multiple == 0 and packed.shape[0] - 14 < row_multiple
+    assert torch.equal(packed[:14], x[real])  # the real tokens first, in row-major order
+    back = packing.unpack(packed)
+    assert torch.equal(back[real], x[real]) and torch.all(back[~real] == 0)
+    heads = packing.unpack_heads(packed, n_heads=3)  # (3, B * T, 2), heads first
+    assert torch.equal(heads.view(3, 3, 7, 2).permute(1, 2, 0, 3).reshape(3, 7, 6), back)

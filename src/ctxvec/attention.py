@@ -24,6 +24,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctxvec.dropout import Dropout
+from ctxvec.runtime import linear
 
 
 @dataclass
@@ -38,28 +39,53 @@ class AttentionOutput:
 
 @dataclass
 class TokenPacking:
-    """Where the real tokens of a padded (B, T) batch are, to pack them as (N, C) rows.
+    """Where the real tokens of a padded (B, T) batch are, to pack them as (M, C) rows.
 
     Everything in a layer but attention works token by token (projections, feed-forward,
-    LayerNorm, residuals), so it can skip padding altogether: the encoder packs the real tokens
-    once, and attention unpacks them to (B, T, C) only around softmax(Q·Kᵀ)·V.
+    LayerNorm, residuals), so it can skip padding altogether: the encoder packs the N real
+    tokens once, and attention unpacks them to (B, T, C) only around softmax(Q·Kᵀ)·V.
+
+    Rows N..M-1 (M = N rounded up to ``row_multiple``) are spare copies of real tokens that
+    nothing reads: they keep the matrix shapes to a few buckets (see ``runtime.linear``).
     """
 
     index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * T) batch
     batch_size: int
     seq_len: int
+    rows: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
 
     @classmethod
-    def from_mask(cls, real: torch.Tensor) -> TokenPacking:
-        """real: (B, T) bool, True = real token."""
-        return cls(real.flatten().nonzero().squeeze(1), real.shape[0], real.shape[1])
+    def from_mask(cls, real: torch.Tensor, row_multiple: int = 1) -> TokenPacking:
+        """real: (B, T) bool, True = real token; the packed rows are a multiple of ``row_multiple``."""
+        index = real.flatten().nonzero().squeeze(1)  # (N,)
+        n = len(index)
+        m = max(1, -(-n // row_multiple)) * row_multiple
+        rows = index if m == n or n == 0 else index[torch.arange(m, device=index.device) % n]
+        return cls(index, real.shape[0], real.shape[1], rows)
+
+    @property
+    def n_tokens(self) -> int:
+        """N, the real tokens (the first N packed rows)."""
+        return len(self.index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.index)  # (B, T, C) -> (N, C)
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.rows)  # (B, T, C) -> (M, C)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1]).index_copy(0, self.index, x)
-        return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (N, C) -> (B, T, C), 0 at padding
+        flat = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1])
+        flat.index_copy_(0, self.index, x[: self.n_tokens])
+        return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (M, C) -> (B, T, C), 0 at padding
+
+    def unpack_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
+        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), 0 at padding.
+
+        Unpacking and moving the heads to the front in one pass: each head's (B * T, Dh) slab is
+        then contiguous, so attention's batched matrix multiplies need no further copy.
+        """
+        N, C = self.n_tokens, x.shape[1]
+        heads = x[:N].view(N, n_heads, C // n_heads).transpose(0, 1)  # (G, N, Dh)
+        out = x.new_zeros(n_heads, self.batch_size * self.seq_len, C // n_heads)
+        return out.index_copy_(1, self.index, heads)  # (G, B * T, Dh)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -87,21 +113,66 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return weights @ v, probabilities  # (B, H, T, Dh), (B, H, T, T)
 
 
+# Above this many scores per head (T * S), PyTorch's fused CPU kernel is the faster one; below,
+# ``batched_attention`` is (measured by benchmarks/bench_attention.py on a 2-core AVX-512 CPU:
+# 2-3x faster at T = S = 16..64, even at 128, slower from 256 on).
+FUSED_CPU_MIN_SCORES = 128 * 128 + 1
+
+
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_mask: torch.Tensor | None, dropout: Dropout | None = None) -> torch.Tensor:
+    """softmax(Q·Kᵀ / √d + mask) · V as two batched matrix multiplies around one softmax.
+
+    The same numbers as ``attention`` (within rounding) without the probabilities: the mask is
+    added as a bias (0 or -inf) in one broadcast pass, and the scores are normalised in fp32
+    whatever the input's precision (a bf16 softmax is both slower on CPUs and less exact). In
+    bf16 the scores come out of their matrix multiply rounded to bf16, as in eager bf16
+    attention; the fused kernel keeps them in fp32 and errs about 1.5x less (a test bounds it).
+    For short sequences on a CPU this beats the fused kernel, whose blocking is made for long
+    ones; inputs laid out head-major, as ``TokenPacking.unpack_heads`` leaves them, are not copied.
+
+    q: (B, H, T, Dh); k, v: (B, H, S, Dh); key_mask: bool broadcastable to (B, H, T, S), every
+    row allowing at least one key. Returns (B, H, T, Dh).
+    """
+    B, H, T, Dh = q.shape
+    S = k.shape[2]
+    # heads first: (B, H, T, Dh) -> (H, B, T, Dh) -> (H * B, T, Dh), a view when head-major
+    q3, k3, v3 = (t.transpose(0, 1).reshape(H * B, t.shape[2], Dh) for t in (q, k, v))
+    scores = torch.bmm(q3, k3.transpose(1, 2)).view(H, B, T, S)  # Q·Kᵀ: (H, B, T, S)
+    scale = 1 / math.sqrt(Dh)
+    if key_mask is None:
+        scores = scores.to(torch.float32).mul_(scale)
+    else:
+        bias = torch.zeros(key_mask.shape, dtype=torch.float32, device=q.device)
+        bias = bias.masked_fill_(~key_mask, float("-inf")).expand(B, H, T, S).transpose(0, 1)
+        scores = torch.add(bias, scores, alpha=scale)  # ÷ √d + mask, in fp32: (H, B, T, S)
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    heads = torch.bmm(weights.view(H * B, T, S), v3)  # (H * B, T, Dh)
+    return heads.view(H, B, T, Dh).transpose(0, 1)  # (B, H, T, Dh), head-major in memory
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
            dropout: Dropout, return_probabilities: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Step 2 of every multi-head attention here: the eager ``attention`` when probabilities are
-    asked for, PyTorch's fused kernel otherwise (same inputs, same outputs).
+    """Step 2 of every multi-head attention here, by one of three routes with the same inputs
+    and the same outputs (a test holds them equal):
 
-    Training on CPU with dropout also takes the eager path: PyTorch's CPU kernel has no dropout
-    and falls back to the same eager steps, but with its slower per-element dropout mask.
+    - the eager ``attention`` when the probabilities are asked for;
+    - ``batched_attention`` on a CPU for short sequences (T * S below ``FUSED_CPU_MIN_SCORES``),
+      and in CPU training with dropout (PyTorch's CPU kernel has no dropout and falls back to
+      eager steps with its slower per-element mask);
+    - PyTorch's fused ``scaled_dot_product_attention`` otherwise (GPUs, long sequences).
 
     q: (B, H, T, Dh); k, v: (B, H, S, Dh); key_mask: bool broadcastable to (B, H, T, S).
     Returns ``(heads (B, H, T, Dh), probabilities (B, H, T, S) or None)``.
     """
     if return_probabilities:
         return attention(q, k, v, key_mask, dropout)
-    if dropout.training and dropout.p > 0 and q.device.type == "cpu":
-        return attention(q, k, v, key_mask, dropout)[0], None
+    if q.device.type == "cpu":
+        with_dropout = dropout.training and dropout.p > 0
+        if with_dropout or q.shape[2] * k.shape[2] < FUSED_CPU_MIN_SCORES:
+            return batched_attention(q, k, v, key_mask, dropout if with_dropout else None), None
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=key_mask, dropout_p=dropout.p if dropout.training else 0.0)
     return heads, None
@@ -140,24 +211,29 @@ class MultiHeadSelfAttention(nn.Module):
         if past_key_value is not None and packing is not None:
             raise ValueError("past_key_value (decoding) and packing (encoding) cannot be combined.")
         # 1) project: one matmul for Q, K and V, then split into heads
-        qkv = self.qkv(x)  # (B, T, 3D) or (N, 3D)
+        qkv = linear(x, self.qkv)  # (B, T, 3D) or (M, 3D)
         if packing is not None:
-            qkv = packing.unpack(qkv)  # (N, 3D) -> (B, T, 3D)
-        B, T = qkv.shape[:2]
-        qkv = qkv.view(B, T, 3, H, D // H)  # (B, T, 3, H, Dh)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, H, T, Dh)
+            B, T = packing.batch_size, packing.seq_len
+            qkv = packing.unpack_heads(qkv, 3 * H)  # (N, 3D) -> (3H, B * T, Dh), heads first
+        else:
+            B, T = qkv.shape[:2]
+            qkv = qkv.view(B * T, 3 * H, D // H).transpose(0, 1)  # (3H, B * T, Dh), a view
+        # 3 x (B, H, T, Dh); head-major in memory when packed (no copy for batched_attention)
+        q, k, v = qkv.reshape(3, H, B, T, D // H).transpose(1, 2).unbind(0)
         if past_key_value is not None:
             k = torch.cat([past_key_value[0], k], dim=2)  # (B, H, P + T, Dh)
             v = torch.cat([past_key_value[1], v], dim=2)  # (B, H, P + T, Dh)
         # 2) attend, per head
         heads, probabilities = attend(q, k, v, key_mask, self.attn_dropout, return_probabilities)
         # 3) concat the heads back to D, 4) mix them with the output projection
-        heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
+        heads = heads.transpose(1, 2).reshape(B * T, H, D // H)  # (B, H, T, Dh) -> (B * T, H, Dh)
         if packing is not None:
-            heads = packing.pack(heads)  # (B, T, D) -> (N, D)
+            heads = heads.index_select(0, packing.rows).view(-1, D)  # -> (M, H*Dh), one copy
+        else:
+            heads = heads.reshape(B, T, D)  # (B, T, H*Dh)
         if rows is not None:
             heads = heads.reshape(-1, D).index_select(0, rows)  # (B * T or N, D) -> (M, D)
-        return AttentionOutput(self.out(heads), probabilities, (k, v))
+        return AttentionOutput(linear(heads, self.out), probabilities, (k, v))
 
 
 class MultiHeadCrossAttention(nn.Module):

@@ -16,6 +16,7 @@ from ctxvec.attention import TokenPacking
 from ctxvec.config import EncoderConfig
 from ctxvec.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
 from ctxvec.layer import EncoderLayer
+from ctxvec.runtime import onednn_rows
 
 
 @dataclass
@@ -82,6 +83,10 @@ def check_finite(values: torch.Tensor, what: str, model: nn.Module, real: torch.
         model: the module whose weights are named if they are the cause.
         real: (B, T) bool; positions where it is False (padding) are not checked.
     """
+    # One reduction first: a sum is finite only if every term is (NaN and inf propagate), so the
+    # element-wise search below runs only when something is wrong (or the sum overflowed).
+    if bool(torch.isfinite(values.detach().sum())):
+        return
     finite = torch.isfinite(values)
     if real is not None:
         finite |= ~real[..., None]  # (B, T, 1): padding never reaches a real token
@@ -156,9 +161,12 @@ class EncoderStack(nn.Module):
                              f"expects d_model={self.config.d_model}.")
         mask = check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), hidden_states.device)
         key_mask = key_mask_from(mask)
-        # With padding, the layers work on the real tokens only, packed as (N, D); attention
-        # alone unpacks them. Padding positions of the output are then 0.
-        packing = TokenPacking.from_mask(mask) if key_mask is not None else None
+        # With padding, the layers work on the real tokens only, packed as (M, D); attention
+        # alone unpacks them. Padding positions of the output are then 0. On the oneDNN route
+        # (runtime.linear) the tokens are always packed, into a bucketed number of rows.
+        row_multiple = onednn_rows(hidden_states, self.layers[0].attention.qkv.weight)
+        packing = (TokenPacking.from_mask(mask, row_multiple)
+                   if key_mask is not None or row_multiple > 1 else None)
         rows = self._rows(positions, mask, packing) if positions is not None else None
         if rows is not None and output_hidden_states:
             raise ValueError("positions and output_hidden_states cannot be combined: the last "

@@ -9,14 +9,11 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ctxvec.attention import MultiHeadSelfAttention, TokenPacking
 from ctxvec.config import EncoderConfig
 from ctxvec.dropout import Dropout
-
-_ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as BERT uses
-
+from ctxvec.runtime import ACTIVATIONS, linear
 
 class FeedForward(nn.Module):
     """Position-wise feed-forward: D -> F, activation, dropout, F -> D (512 -> 1024 -> 512)."""
@@ -24,13 +21,14 @@ class FeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
         self.up = nn.Linear(d_model, d_ff)
-        self.activation = _ACTIVATIONS[activation]
+        self.activation_name = activation
+        self.activation = ACTIVATIONS[activation]
         self.dropout = Dropout(dropout)
         self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hidden = self.activation(self.up(x))  # (B, T, F)
-        return self.down(self.dropout(hidden))  # (B, T, D)
+        hidden = linear(x, self.up, self.activation_name)  # activation(up(x)): (B, T, F)
+        return linear(self.dropout(hidden), self.down)  # (B, T, D)
 
 
 @dataclass

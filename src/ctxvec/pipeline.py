@@ -18,7 +18,7 @@ import torch
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pooling import Pooling
-from ctxvec.runtime import native_bf16, precision_dtype, release_memory
+from ctxvec.runtime import native_bf16, precision_dtype, release_memory, repack_weights, using_repacked
 from ctxvec.tokenizer import Encoded, Tokenizer
 
 # Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
@@ -152,10 +152,15 @@ class Pipeline:
         if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
+        batches = list(length_sorted_batches(lengths, batch_tokens))
         with torch.inference_mode():
-            for indices in length_sorted_batches(lengths, batch_tokens):
+            # Repacking the weights for oneDNN costs about a tenth of a batch and saves about
+            # as much per batch: worth it from three batches on. The copies live for this call.
+            repacked = repack_weights(self.encoder) if len(batches) > 2 else {}
+            for indices in batches:
                 batch = self.tokenizer.pad([encoded[i] for i in indices])
-                hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+                with using_repacked(repacked):
+                    hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
                 yield indices, hidden.float(), batch.attention_mask
         release_memory()
 
