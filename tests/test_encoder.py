@@ -61,7 +61,8 @@ def test_from_torch_matches_pytorch(variant, mode, monkeypatch):
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
-@pytest.mark.parametrize("seq_len", [10, 140], ids=["short", "long"])
+@pytest.mark.parametrize("seq_len", [10, 260], ids=["short", "long"])
+@reference_warnings
 def test_inference_route_matches_pytorch(variant, seq_len):
     """At inference on a CPU: oneDNN linears on bucketed packed rows, batched attention for short
     sequences and the fused kernel for long ones (ctxvec.runtime.linear, attention.attend)."""

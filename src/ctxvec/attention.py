@@ -53,15 +53,19 @@ class TokenPacking:
     batch_size: int
     seq_len: int
     rows: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
+    sources: torch.Tensor  # (B * T,) the packed row each position is read from (padding: row 0)
 
     @classmethod
     def from_mask(cls, real: torch.Tensor, row_multiple: int = 1) -> TokenPacking:
         """real: (B, T) bool, True = real token; the packed rows are a multiple of ``row_multiple``."""
-        index = real.flatten().nonzero().squeeze(1)  # (N,)
+        flat = real.flatten()
+        index = flat.nonzero().squeeze(1)  # (N,)
         n = len(index)
-        m = max(1, -(-n // row_multiple)) * row_multiple
-        rows = index if m == n or n == 0 else index[torch.arange(m, device=index.device) % n]
-        return cls(index, real.shape[0], real.shape[1], rows)
+        m = -(-n // row_multiple) * row_multiple
+        rows = index if m == n else index[torch.arange(m, device=index.device) % n]
+        sources = torch.zeros_like(flat, dtype=torch.long).index_copy_(
+            0, index, torch.arange(n, device=index.device))
+        return cls(index, real.shape[0], real.shape[1], rows, sources)
 
     @property
     def n_tokens(self) -> int:
@@ -77,15 +81,17 @@ class TokenPacking:
         return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (M, C) -> (B, T, C), 0 at padding
 
     def unpack_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), 0 at padding.
+        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), heads first.
 
-        Unpacking and moving the heads to the front in one pass: each head's (B * T, Dh) slab is
-        then contiguous, so attention's batched matrix multiplies need no further copy.
+        Each head's (B * T, Dh) slab comes out contiguous, so attention's batched matrix
+        multiplies need no further copy. Padding positions hold a copy of a real token: finite,
+        and never attended to (the key mask gives them probability exactly 0).
         """
-        N, C = self.n_tokens, x.shape[1]
-        heads = x[:N].view(N, n_heads, C // n_heads).transpose(0, 1)  # (G, N, Dh)
-        out = x.new_zeros(n_heads, self.batch_size * self.seq_len, C // n_heads)
-        return out.index_copy_(1, self.index, heads)  # (G, B * T, Dh)
+        BT, C = self.batch_size * self.seq_len, x.shape[1]
+        if self.n_tokens == 0:
+            return x.new_zeros(n_heads, BT, C // n_heads)
+        positions = x.index_select(0, self.sources)  # (B * T, G * Dh)
+        return positions.view(BT, n_heads, C // n_heads).transpose(0, 1).contiguous()  # (G, B * T, Dh)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -113,10 +119,11 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return weights @ v, probabilities  # (B, H, T, Dh), (B, H, T, T)
 
 
-# Above this many scores per head (T * S), PyTorch's fused CPU kernel is the faster one; below,
-# ``batched_attention`` is (measured by benchmarks/bench_attention.py on a 2-core AVX-512 CPU:
-# 2-3x faster at T = S = 16..64, even at 128, slower from 256 on).
-FUSED_CPU_MIN_SCORES = 128 * 128 + 1
+# From this many scores per head (T * S) on, PyTorch's fused CPU kernel is the faster one; below,
+# ``batched_attention`` is (benchmarks/bench_attention.py, 2-core AVX-512 CPU, batches of ~1k
+# tokens: in fp32 1.5-3x faster at T = S = 16..128, even at 256, slower from 384 on; in bf16
+# 1.4-3x faster up to 512, the longest measured). Other dtypes: always the fused kernel.
+FUSED_CPU_MIN_SCORES = {torch.float32: 256 * 256 + 1, torch.bfloat16: 512 * 512 + 1}
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -171,7 +178,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
         return attention(q, k, v, key_mask, dropout)
     if q.device.type == "cpu":
         with_dropout = dropout.training and dropout.p > 0
-        if with_dropout or q.shape[2] * k.shape[2] < FUSED_CPU_MIN_SCORES:
+        if with_dropout or q.shape[2] * k.shape[2] < FUSED_CPU_MIN_SCORES.get(q.dtype, 0):
             return batched_attention(q, k, v, key_mask, dropout if with_dropout else None), None
     heads = F.scaled_dot_product_attention(
         q, k, v, attn_mask=key_mask, dropout_p=dropout.p if dropout.training else 0.0)

@@ -1,0 +1,108 @@
+"""Attention routes side by side: where ctxvec switches from batched_attention to the fused kernel.
+
+For each sequence length T (batches of ~1,024 tokens, a few padded rows, as the encoder's
+length-sorted batches have), times one attention step of MiniLM's shape (12 heads x 32) and the
+seed's (8 x 64), fp32 and bf16 where it is native, by:
+  - ctxvec.attention.batched_attention (two batched matmuls around an fp32 softmax),
+  - torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
+  - ctxvec.attention.attention (the eager function that also returns the probabilities),
+and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` is set from
+this table. Writes benchmarks/results/bench_attention.{json,md} (not BENCHMARKS.md).
+
+    .venv/bin/python benchmarks/bench_attention.py [--threads 2] [--reps 30]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import ROOT, machine, write_results  # noqa: E402
+
+from ctxvec.attention import FUSED_CPU_MIN_SCORES, attention, batched_attention  # noqa: E402
+from ctxvec.encoder import key_mask_from  # noqa: E402
+from ctxvec.runtime import native_bf16  # noqa: E402
+
+LENGTHS = [8, 16, 32, 64, 128, 256, 384, 512]
+SHAPES = {"minilm (12 x 32)": (12, 32), "seed (8 x 64)": (8, 64)}
+
+
+def median_ms(fn, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> dict:
+    B = max(1, 1024 // T)
+    g = torch.Generator().manual_seed(T)
+    q, k, v = (torch.randn(B, heads, T, width, generator=g) for _ in range(3))
+    real = torch.ones(B, T, dtype=torch.bool)
+    real[1::2, T - max(1, T // 16):] = False  # every other row a little shorter
+    key_mask = key_mask_from(real)
+    expected, _ = attention(q.double(), k.double(), v.double(), key_mask)
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    routes = {
+        "batched": lambda: batched_attention(q, k, v, key_mask),
+        "fused (SDPA)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask),
+        "eager": lambda: attention(q, k, v, key_mask)[0],
+    }
+    row = {"T": T, "B": B}
+    with torch.inference_mode():
+        for name, fn in routes.items():
+            got = fn().double()
+            row[name] = {"ms": median_ms(fn, reps),
+                         "max_rel_error": ((got - expected).abs().max() / expected.abs().max()).item()}
+    return row
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtypes = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
+    tables = []
+    for shape, (heads, width) in SHAPES.items():
+        for dtype in dtypes:
+            rows = [measure(T, heads, width, dtype, args.reps) for T in LENGTHS]
+            tables.append({"shape": shape, "dtype": str(dtype).removeprefix("torch."), "rows": rows})
+            print(shape, dtype, [(r["T"], round(r["batched"]["ms"], 3), round(r["fused (SDPA)"]["ms"], 3))
+                                 for r in rows], flush=True)
+    result = {"machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
+              "fused_cpu_min_scores": {str(d).removeprefix("torch."): n for d, n in FUSED_CPU_MIN_SCORES.items()}, "tables": tables}
+    write_results("bench_attention", result, markdown(result), args.out, update=False)
+
+
+def markdown(r: dict) -> str:
+    m = r["machine"]
+    out = [f"Machine: {m['cpu']} ({', '.join(m['simd'])}), {r['threads']} threads, torch {m['torch']}; {r['date']}.",
+           "One attention step over ~1,024 tokens (B = 1024 // T sequences, every other one a little "
+           "shorter), median ms; in brackets the largest error relative to a float64 reference. "
+           "ctxvec takes the batched route while T * S is below "
+           + ", ".join(f"{k} in {d}" for d, k in r["fused_cpu_min_scores"].items()) + ".", ""]
+    for t in r["tables"]:
+        out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | batched | fused (SDPA) | eager |", "|---:|---:|---:|---:|"]
+        for row in t["rows"]:
+            cells = [f"{row[k]['ms']:.3f} ({row[k]['max_rel_error']:.0e})" for k in ("batched", "fused (SDPA)", "eager")]
+            out.append(f"| {row['T']} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    main()
