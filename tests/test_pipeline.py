@@ -54,3 +54,28 @@ def test_bad_batch_tokens(seed, batch_tokens):
 def test_unknown_model_lists_the_known_ones():
     with pytest.raises(ValueError, match="known models: minilm, seed"):
         load("gpt-17")
+
+
+def test_batches_come_in_few_shapes_and_padding_changes_no_vector():
+    """Widths are multiples of LENGTH_MULTIPLE and each width has one row count (the budget's),
+    so oneDNN compiles few attention kernels; the vectors equal those of texts embedded alone."""
+    from conftest import tiny_config
+    from ctxvec import Encoder, Pipeline
+    from ctxvec.models import seed_tokenizer
+    from ctxvec.pipeline import LENGTH_MULTIPLE
+
+    tokenizer = seed_tokenizer(max_len=40)
+    pipeline = Pipeline(tokenizer, Encoder(tiny_config(vocab_size=tokenizer.vocab_size)))
+    rng = np.random.default_rng(0)
+    words = ["light", "the", "earth", "and", "waters", "day", "night", "god", "saw", "good"]
+    texts = [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(300)]
+    shapes = []
+    hook = pipeline.encoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
+    try:
+        together = pipeline.embed(texts, batch_tokens=128)
+    finally:
+        hook.remove()
+    assert all(width % LENGTH_MULTIPLE == 0 for _, width in shapes)
+    assert len(set(shapes)) == len({width for _, width in shapes}) < len(shapes) / 3
+    alone = np.stack([pipeline.embed([t])[0] for t in texts[:20]])
+    assert np.abs(together[:20] - alone).max() < 1e-5

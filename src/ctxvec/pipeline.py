@@ -21,11 +21,18 @@ from ctxvec.pooling import Pooling
 from ctxvec.runtime import native_bf16, precision_dtype, release_memory, repack_weights, using_repacked
 from ctxvec.tokenizer import Encoded, Tokenizer
 
-# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
-# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM).
 log = logging.getLogger(__name__)
 
+# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
+# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
+# 2048 large fp32 temporaries start to cost page faults).
 DEFAULT_BATCH_TOKENS = 1024
+# Batches are padded to a width that is a multiple of this, and to as many rows as the budget
+# allows at that width (rows of padding only): attention's matrix multiplies then come in at
+# most max_len / 4 shapes. oneDNN, which runs them in bf16, compiles and keeps a kernel per
+# shape (~0.7 MB each): with shapes that changed from batch to batch, a long job's memory grew
+# chunk after chunk. (Multiples of 4 cost ~1% of speed, of 8 ~2%: attention grows with width².)
+LENGTH_MULTIPLE = 4
 
 
 @dataclass
@@ -68,21 +75,32 @@ class SentenceVectors:
     n_tokens_full: np.ndarray
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_tokens: int) -> Iterator[list[int]]:
+def length_sorted_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1
+                          ) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length whose padded size stays under the budget.
 
     A batch holds texts sorted by length, so padding is at most the gap to its longest text;
-    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone).
+    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone),
+    lengths counted rounded up to a ``multiple``.
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batch: list[int] = []
     for i in order:
-        if batch and (len(batch) + 1) * lengths[i] > batch_tokens:  # lengths[i] is the longest so far
+        longest = -(-lengths[i] // multiple) * multiple  # lengths[i] is the longest so far
+        if batch and (len(batch) + 1) * longest > batch_tokens:
             yield batch
             batch = []
         batch.append(i)
     if batch:
         yield batch
+
+
+def padded_shape(longest: int, n_texts: int, batch_tokens: int, max_len: int) -> tuple[int, int]:
+    """(rows, width) that a batch of ``n_texts`` texts, the longest ``longest`` tokens, is padded
+    to: the width rounded up to ``LENGTH_MULTIPLE`` (at most ``max_len``), and as many rows as
+    ``batch_tokens`` allows at that width (at least ``n_texts``)."""
+    width = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max(max_len, longest))
+    return max(n_texts, batch_tokens // width), width
 
 
 def check_compatible(tokenizer: Tokenizer, config: EncoderConfig, source: str) -> None:
@@ -152,15 +170,20 @@ class Pipeline:
         if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
-        batches = list(length_sorted_batches(lengths, batch_tokens))
+        batches = list(length_sorted_batches(lengths, batch_tokens, LENGTH_MULTIPLE))
         with torch.inference_mode():
             # Repacking the weights for oneDNN costs about a tenth of a batch and saves about
             # as much per batch: worth it from three batches on. The copies live for this call.
             repacked = repack_weights(self.encoder) if len(batches) > 2 else {}
             for indices in batches:
-                batch = self.tokenizer.pad([encoded[i] for i in indices])
+                rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
+                                           self.encoder.config.max_len)
+                batch = self.tokenizer.pad([encoded[i] for i in indices], length=width)
+                ids = batch.input_ids.new_full((rows, width), self.tokenizer.pad_id)
+                mask = batch.attention_mask.new_zeros((rows, width))
+                ids[: len(indices)], mask[: len(indices)] = batch.input_ids, batch.attention_mask
                 with using_repacked(repacked):
-                    hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+                    hidden = self.encoder(ids, mask).last_hidden_state[: len(indices)]
                 yield indices, hidden.float(), batch.attention_mask
         release_memory()
 
