@@ -44,6 +44,8 @@ def main() -> None:
     parser.add_argument("--batch-tokens", type=int, default=6144)
     parser.add_argument("--lr", type=float, default=7e-4)
     parser.add_argument("--vocab-size", type=int, default=10000)
+    parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                        help="bf16: autocast, where the CPU has native bf16 (AVX512-BF16/AMX)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true")
     parser.add_argument("--report", action="store_true",
@@ -63,7 +65,8 @@ def main() -> None:
         shutil.rmtree(run)
     started = time.perf_counter()
     cfg = TranslationConfig(steps=100_000, batch_tokens=args.batch_tokens, seq_len=128, eval_every=250,
-                            save_every=250, eval_sentences=150, lr=args.lr, vocab_size=args.vocab_size)
+                            save_every=250, eval_sentences=150, lr=args.lr, vocab_size=args.vocab_size,
+                            precision=args.precision)
     trainer = TranslationTrainer(PAIRS, run, cfg, preset="small")
     setup_s = time.perf_counter() - started
     trainer.log({"event": "start", **trainer.describe(), "model": trainer.model_meta})
@@ -120,6 +123,7 @@ def main() -> None:
         "machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
         "minutes": args.minutes, "setup_s": setup_s, "train_s": train_s, "seconds_per_step": per_step,
         "steps": trainer.step, "batch_tokens": cfg.batch_tokens, "lr": cfg.lr, "warmup": cfg.warmup,
+        "precision": cfg.precision,
         "data": trainer.describe(),
         "model": trainer.model_meta, "parameters": sum(p.numel() for p in trainer.model.parameters()),
         "before": before, "after": after, "test": scores, "bleu_curve": curve,
@@ -164,7 +168,8 @@ def markdown(r: dict) -> str:
     m, d = r["machine"], r["data"]
     sig = next(iter(r["test"].values()))
     lines = [
-        f"Machine: {m['cpu']}, {r['threads']} threads, torch {m['torch']}; {r['date']}.", "",
+        f"Machine: {m['cpu']} ({', '.join(m.get('simd', []))}), {r['threads']} threads, torch {m['torch']}; "
+        f"{r['date']}.", "",
         f"**Spanish -> English**, `bible_es_en.tsv` (Reina-Valera 1909 -> World English Bible): "
         f"{d['train_pairs']:,} training pairs ({d['dropped_long_pairs']} over 128 tokens dropped); held out whole "
         f"books: validation {', '.join(d['held_out']['valid'])} ({d['valid_pairs']} verses), test "
@@ -172,7 +177,9 @@ def markdown(r: dict) -> str:
         f"{r['model']['encoder']['vocab_size']:,}; model 3 + 3 pre-norm layers x 256, 4 heads, FFN 1024, tied "
         f"embeddings ({r['parameters'] / 1e6:.1f} M parameters), label smoothing 0.1, AdamW (peak lr "
         f"{r.get('lr', 7e-4):g}, {r.get('warmup', 0)} warm-up steps, linear decay), batches of "
-        f"{r['batch_tokens']:,} tokens.", "",
+        f"{r['batch_tokens']:,} tokens, "
+        + ("bf16 autocast (weights, optimizer state and evaluation in fp32)." if r.get("precision") == "bf16"
+           else "fp32."), "",
         f"Budget: {r['minutes']} minutes wall clock on {r['threads']} of the machine's 2 cores = {r['steps']} steps "
         f"({r['seconds_per_step']:.2f} s/step). Held-out (validation) loss {r['before']['eval_loss']:.2f} -> "
         f"{r['after']['eval_loss']:.2f}, perplexity {r['before']['eval_perplexity']:.0f} -> "
