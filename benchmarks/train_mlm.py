@@ -33,6 +33,7 @@ from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
 from ctxvec.config import EncoderConfig  # noqa: E402
 from ctxvec.data import Masking  # noqa: E402
 from ctxvec.mlm import MaskedLanguageModel  # noqa: E402
+from ctxvec.models import seed_tokenizer  # noqa: E402
 from ctxvec.tokenizer import Tokenizer  # noqa: E402
 from ctxvec.train import Trainer, TrainConfig  # noqa: E402
 
@@ -112,7 +113,8 @@ def train_real(args, facts) -> dict:
     trainer.log(report["after"])
     subprocess.run([sys.executable, "-m", "ctxvec", "plot", str(run), "-o", str(args.out / "mlm_loss.png")],
                    check=True)
-    return {"minutes": args.minutes, "threads": args.threads, "train_sequences": len(trainer.train_seqs),
+    return {"machine": facts, "date": time.strftime("%Y-%m-%d"),
+            "minutes": args.minutes, "threads": args.threads, "train_sequences": len(trainer.train_seqs),
             "eval_sequences": len(trainer.eval_seqs), "before": before, **report,
             "png": "benchmarks/results/mlm_loss.png"}
 
@@ -127,7 +129,9 @@ def evaluate_run(args, training: dict) -> dict:
 def throughput(args) -> dict:
     from transformers import BertConfig, BertForMaskedLM
 
-    tokenizer = Tokenizer.load(args.out / "mlm_run" / "tokenizer.json")
+    run_tokenizer = args.out / "mlm_run" / "tokenizer.json"
+    # the pretraining run's WordPiece 8,000, or (no run here) the seed model's: also 8,000 on web_en.txt
+    tokenizer = Tokenizer.load(run_tokenizer) if run_tokenizer.exists() else seed_tokenizer()
     vocab = tokenizer.vocab_size
     ours_cfg = EncoderConfig(vocab_size=vocab, pad_id=tokenizer.pad_id)  # the seed: 512/8/1024/12
     hf_cfg = BertConfig(vocab_size=vocab, hidden_size=512, num_attention_heads=8, intermediate_size=1024,
@@ -179,14 +183,17 @@ def throughput(args) -> dict:
                                        / results[precision]["HF BertForMaskedLM"]["tokens_per_s"])
         print(precision, {k: round(v["tokens_per_s"]) if isinstance(v, dict) else round(v, 2)
                           for k, v in results[precision].items()}, flush=True)
-    return results
+    return {**results, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+
+
+def _machine_line(m: dict, threads: int, date: str) -> str:
+    return (f"{m['cpu']} ({', '.join(m['simd'])}; native bf16: {'yes' if m['native_bf16'] else 'no'}), "
+            f"{threads} threads, torch {m['torch']}; {date}")
 
 
 def markdown(r: dict) -> str:
-    m, t = r["machine"], r["training"]
-    out = [f"Machine: {m['cpu']} ({', '.join(m['simd'])}; native bf16: {'yes' if m['native_bf16'] else 'no'}), "
-           f"{r['threads']} threads, torch {m['torch']}; {r['date']}.", "",
-           f"**Pretraining** a 4 x 256 seed-style encoder (post-norm, ReLU, sinusoidal; WordPiece 8,000 trained "
+    t = r["training"]
+    out = [f"**Pretraining** ({_machine_line(t.get('machine', r['machine']), t.get('threads', r['threads']), t.get('date', r['date']))}) a 4 x 256 seed-style encoder (post-norm, ReLU, sinusoidal; WordPiece 8,000 trained "
            f"on the training split) on `web_en.txt` for {t['minutes']} minutes on {t.get('threads', 2)} of the machine's "
            f"2 cores: {t['steps']} steps of "
            f"4,096 tokens; {t['train_sequences']} training and {t['eval_sequences']} held-out sequences of 128 "
@@ -201,12 +208,14 @@ def markdown(r: dict) -> str:
                 f"(`{b['token']}`).", ""]
     out += [f"![loss curve]({t['png']})", "", "Masked-word predictions of the trained model (top 5):", ""]
     out += [f"- `{p['text']}` -> {', '.join(p['top5'])}" for p in t["predictions"]]
-    out += ["", "**Training throughput**, seed dims (512 / 8 / 1024 / 12), same vocabulary, batch 16 x 128, "
+    tp = r["throughput"]
+    out += ["", f"**Training throughput** ({_machine_line(tp.get('machine', r['machine']), r['threads'], tp.get('date', r['date']))}), "
+            "seed dims (512 / 8 / 1024 / 12), same vocabulary, batch 16 x 128, "
             "one fused AdamW step (`torch.optim.AdamW(fused=True)`, as ctxvec's Trainer) for both, "
             "dropout 0.1 in both, alternating, median:", "",
             "| precision | ctxvec tokens/s | HF BertForMaskedLM tokens/s | ratio | losses (ctxvec / HF) |",
             "|---|---:|---:|---:|---|"]
-    for precision, v in r["throughput"].items():
+    for precision, v in ((p, v) for p, v in tp.items() if p in ("fp32", "bf16")):
         a, b = v["ctxvec MaskedLanguageModel"], v["HF BertForMaskedLM"]
         out.append(f"| {precision} ({a['steps']} steps) | {a['tokens_per_s']:.0f} | {b['tokens_per_s']:.0f} | "
                    f"{v['ratio']:.2f}x | {' '.join(f'{x:.2f}' for x in a['losses'])} / "
@@ -235,6 +244,10 @@ def main() -> None:
     result = {"machine": facts, "threads": args.threads, "date": time.strftime("%Y-%m-%d")}
     previous = args.out / "train_mlm.json"
     old = json.loads(previous.read_text()) if previous.exists() and args.part != "all" else {}
+    for part in ("training", "throughput"):  # results from an earlier run keep their machine and date
+        if part in old:
+            old[part].setdefault("machine", old["machine"])
+            old[part].setdefault("date", old["date"])
     if args.part == "evaluate":
         result["training"] = evaluate_run(args, old["training"])
     else:

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 from ctxvec.checkpoint import load_checkpoint
 from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
-from ctxvec.mlm import MaskedLanguageModel
+from ctxvec.mlm import MaskedLanguageModel, round_up_positions
 from ctxvec.models import seed_tokenizer
 from ctxvec.train import Trainer, TrainConfig
 
@@ -304,8 +304,25 @@ def test_masked_lm_loss_is_the_full_encoder_read_at_the_chosen_positions(norm_fi
     hidden = model.encoder(ids).last_hidden_state[chosen]  # every position, then read
     logits = model.head(hidden, model.encoder.embeddings.tokens.weight)
     expected = torch.nn.functional.cross_entropy(logits, labels[chosen], reduction="sum")
-    assert out.n_predicted == int(chosen.sum())
+    assert out.n_predicted == int(chosen.sum()) and out.logits.shape == (out.n_predicted, 50)
     assert abs(out.loss_sum.item() - expected.item()) < 1e-4 * expected.item()
+    assert torch.allclose(out.logits, logits, atol=1e-5)
+
+
+def test_chosen_positions_are_rounded_up_with_unchosen_real_tokens():
+    """The last layer and the head see a bucketed row count (oneDNN keeps a kernel per shape);
+    the extra rows are real tokens that were not chosen, and the loss ignores them."""
+    g = torch.Generator().manual_seed(0)
+    chosen = torch.rand(4, 50, generator=g) < 0.15
+    real = torch.ones(4, 50, dtype=torch.bool)
+    real[3, 20:] = False
+    chosen &= real
+    positions = round_up_positions(chosen, real, 16)
+    assert int(positions.sum()) % 16 == 0 and int(positions.sum()) - int(chosen.sum()) < 16
+    assert torch.all(positions[chosen]) and not torch.any(positions & ~real)
+    few = torch.zeros(1, 5, dtype=torch.bool)
+    few[0, 2] = True
+    assert torch.equal(round_up_positions(few, torch.ones_like(few), 16), torch.ones_like(few))  # all there is
 
 
 def test_masked_lm_training_follows_bert_for_masked_lm_on_the_same_weights():

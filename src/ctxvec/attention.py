@@ -130,11 +130,11 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       key_mask: torch.Tensor | None, dropout: Dropout | None = None) -> torch.Tensor:
     """softmax(Q·Kᵀ / √d + mask) · V as two batched matrix multiplies around one softmax.
 
-    The same numbers as ``attention`` (within rounding) without the probabilities: the mask is
-    added as a bias (0 or -inf) in one broadcast pass, and the scores are normalised in fp32
-    whatever the input's precision (a bf16 softmax is both slower on CPUs and less exact). In
-    bf16 the scores come out of their matrix multiply rounded to bf16, as in eager bf16
-    attention; the fused kernel keeps them in fp32 and errs about 1.5x less (a test bounds it).
+    The same numbers as ``attention`` (within rounding) without the probabilities: the scaling
+    and the mask (a bias of 0 or -inf) are one broadcast pass, and they and the softmax run in
+    fp32 whatever the input's precision. In bf16 the scores come out of their matrix multiply
+    rounded to bf16, as in eager bf16 attention; the fused kernel keeps them in fp32 and errs
+    about 1.5x less (a test bounds it).
     For short sequences on a CPU this beats the fused kernel, whose blocking is made for long
     ones; inputs laid out head-major, as ``TokenPacking.unpack_heads`` leaves them, are not copied.
 

@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder, init_weights
+from ctxvec.runtime import ONEDNN_ROW_MULTIPLE
 
 
 @dataclass
@@ -51,8 +52,27 @@ class MaskedLanguageModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, chosen: torch.Tensor,
                 attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
         """input_ids, labels, chosen (bool), attention_mask: (B, T)."""
-        # the last layer computes the chosen positions only: (M, D)
-        hidden = self.encoder(input_ids, attention_mask, positions=chosen).last_hidden_state
-        logits = self.head(hidden, self.encoder.embeddings.tokens.weight)  # (M, V), chosen only
-        loss_sum = F.cross_entropy(logits.float(), labels[chosen], reduction="sum")
-        return MaskedLMOutput(loss_sum, int(chosen.sum()), logits)
+        real = attention_mask.bool() if attention_mask is not None else torch.ones_like(chosen)
+        positions = round_up_positions(chosen, real, ONEDNN_ROW_MULTIPLE)
+        # the last layer computes these positions only: (M', D), the chosen M and a few more
+        hidden = self.encoder(input_ids, attention_mask, positions=positions).last_hidden_state
+        logits = self.head(hidden, self.encoder.embeddings.tokens.weight)  # (M', V)
+        predicted = chosen[positions]  # (M',) True at the chosen rows, in the same row-major order
+        targets = labels[positions].masked_fill(~predicted, -100)  # the extra rows count for nothing
+        loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
+        return MaskedLMOutput(loss_sum, int(predicted.sum()), logits[predicted])
+
+
+def round_up_positions(chosen: torch.Tensor, real: torch.Tensor, multiple: int) -> torch.Tensor:
+    """``chosen`` (B, T) bool plus the first few unchosen real tokens, so that the count is a
+    multiple of ``multiple`` where there are enough of them.
+
+    The chosen count changes from batch to batch; in bf16 on a CPU the matrix multiplies go to
+    oneDNN, which compiles and keeps a kernel per shape, so training's memory grew step after
+    step. A handful of extra rows (their loss is not counted) keeps the shapes to a few buckets.
+    """
+    extra = -int(chosen.sum()) % multiple
+    if extra == 0:
+        return chosen
+    spare = (real & ~chosen).flatten().nonzero().squeeze(1)[:extra]  # in row-major order
+    return chosen.flatten().index_fill(0, spare, True).view_as(chosen)
