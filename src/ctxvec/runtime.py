@@ -20,7 +20,9 @@ ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as B
 # The encoder pads its packed tokens to a multiple of this many rows when the oneDNN route
 # below applies: oneDNN compiles (and keeps) one kernel per matrix shape, so row counts that
 # change with every batch would each cost a compilation and memory that is never given back.
-ONEDNN_ROW_MULTIPLE = 64
+# 32: at most 32 shapes per weight up to 1,024 rows; measured 1% faster than 64, 1% slower
+# than 16 (which allows twice the shapes).
+ONEDNN_ROW_MULTIPLE = 32
 _ONEDNN_BATCH_HINT = 1024  # the row count oneDNN chooses a repacked weight's blocking for
 _packed = threading.local()  # .weights: {nn.Linear: repacked weight} inside ``using_repacked``
 

@@ -202,16 +202,20 @@ class Tokenizer:
         texts = self._check_texts(texts)
         budget = max_len - self.n_special
         encoded = []
-        for i, enc in enumerate(self.backend.encode_batch(texts, add_special_tokens=False)):
-            n_full = len(enc.ids) + self.n_special
-            truncated = len(enc.ids) > budget
+        # The library's own template adds [CLS]/[SEP], in one batched call; a text over the limit
+        # is encoded again without them, cut to the budget and given them after (post_process).
+        for i, enc in enumerate(self.backend.encode_batch(texts, add_special_tokens=True)):
+            ids = enc.ids
+            n_full = len(ids)
+            truncated = n_full > max_len
             if truncated:
                 if strict:
                     raise TruncationError(i, n_full, max_len)
+                enc = self.backend.encode(texts[i], add_special_tokens=False)
                 enc.truncate(budget)
-            # the library's own template adds [CLS]/[SEP] exactly as when it encodes directly
-            enc = self.backend.post_process(enc)
-            encoded.append(Encoded(enc.ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
+                enc = self.backend.post_process(enc)
+                ids = enc.ids
+            encoded.append(Encoded(ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
         return encoded
 
     def pad(self, encoded: Sequence[Encoded], length: int | None = None) -> BatchEncoding:
