@@ -233,11 +233,9 @@ class MultiHeadSelfAttention(nn.Module):
         # 2) attend, per head
         heads, probabilities = attend(q, k, v, key_mask, self.attn_dropout, return_probabilities)
         # 3) concat the heads back to D, 4) mix them with the output projection
-        heads = heads.transpose(1, 2).reshape(B * T, H, D // H)  # (B, H, T, Dh) -> (B * T, H, Dh)
+        heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if packing is not None:
-            heads = heads.index_select(0, packing.rows).view(-1, D)  # -> (M, H*Dh), one copy
-        else:
-            heads = heads.reshape(B, T, D)  # (B, T, H*Dh)
+            heads = packing.pack(heads)  # (B, T, D) -> (M, D)
         if rows is not None:
             heads = heads.reshape(-1, D).index_select(0, rows)  # (B * T or N, D) -> (M, D)
         return AttentionOutput(linear(heads, self.out), probabilities, (k, v))
