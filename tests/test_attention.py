@@ -147,3 +147,6 @@ def test_packing_rounds_the_rows_up_and_round_trips(row_multiple):
     assert torch.equal(back[real], x[real]) and torch.all(back[~real] == 0)
     heads = packing.unpack_heads(packed, n_heads=3)  # (3, B * T, 2), heads first
     assert torch.equal(heads.view(3, 3, 7, 2).permute(1, 2, 0, 3).reshape(3, 7, 6)[real], x[real])
+    # and back: (B, H, T, Dh), head-major in memory or not, to the packed rows, heads concatenated
+    for by_head in (heads.view(3, 3, 7, 2).transpose(0, 1), x.view(3, 7, 3, 2).transpose(1, 2)):
+        assert torch.equal(packing.pack_heads(by_head), packed)

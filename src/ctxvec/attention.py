@@ -17,7 +17,7 @@ public ``attention_mask`` once and shares it with every layer.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -54,6 +54,8 @@ class TokenPacking:
     seq_len: int
     rows: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
     sources: torch.Tensor  # (B * T,) the packed row each position is read from (padding: row 0)
+    # (kind, G) -> flat gather index of unpack_heads / pack_heads, made once per batch
+    _head_index: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
     def from_mask(cls, real: torch.Tensor, row_multiple: int = 1) -> TokenPacking:
@@ -81,17 +83,35 @@ class TokenPacking:
         return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (M, C) -> (B, T, C), 0 at padding
 
     def unpack_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), heads first.
+        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), heads first, by one gather.
 
         Each head's (B * T, Dh) slab comes out contiguous, so attention's batched matrix
         multiplies need no further copy. Padding positions hold a copy of a real token: finite,
         and never attended to (the key mask gives them probability exactly 0).
         """
-        BT, C = self.batch_size * self.seq_len, x.shape[1]
+        BT, Dh = self.batch_size * self.seq_len, x.shape[1] // n_heads
         if self.n_tokens == 0:
-            return x.new_zeros(n_heads, BT, C // n_heads)
-        positions = x.index_select(0, self.sources)  # (B * T, G * Dh)
-        return positions.view(BT, n_heads, C // n_heads).transpose(0, 1).contiguous()  # (G, B * T, Dh)
+            return x.new_zeros(n_heads, BT, Dh)
+        index = self._head_index.get(("unpack", n_heads))
+        if index is None:  # slice g of position p is row sources[p] * G + g of x as (M * G, Dh)
+            heads = torch.arange(n_heads, device=x.device)[:, None]  # (G, 1)
+            index = self._head_index[("unpack", n_heads)] = (self.sources * n_heads + heads).flatten()
+        slices = x.reshape(-1, Dh)  # (M, G * Dh) -> (M * G, Dh), a view
+        return slices.index_select(0, index).view(n_heads, BT, Dh)  # (G, B * T, Dh)
+
+    def pack_heads(self, heads: torch.Tensor) -> torch.Tensor:
+        """(B, H, T, Dh) attention output -> (M, H * Dh) packed rows, the heads concatenated.
+
+        One gather when the heads are head-major in memory, as ``batched_attention`` leaves them
+        (otherwise a copy to that layout first).
+        """
+        B, H, T, Dh = heads.shape
+        index = self._head_index.get(("pack", H))
+        if index is None:  # head h of packed row r is row h * B * T + rows[r] of (H * B * T, Dh)
+            offsets = torch.arange(H, device=heads.device) * (B * T)  # (H,)
+            index = self._head_index[("pack", H)] = (self.rows[:, None] + offsets).flatten()
+        slabs = heads.transpose(0, 1).reshape(H * B * T, Dh)  # (B, H, T, Dh) -> (H * B * T, Dh)
+        return slabs.index_select(0, index).view(-1, H * Dh)  # (M * H, Dh) -> (M, H * Dh)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -233,9 +253,10 @@ class MultiHeadSelfAttention(nn.Module):
         # 2) attend, per head
         heads, probabilities = attend(q, k, v, key_mask, self.attn_dropout, return_probabilities)
         # 3) concat the heads back to D, 4) mix them with the output projection
-        heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if packing is not None:
-            heads = packing.pack(heads)  # (B, T, D) -> (M, D)
+            heads = packing.pack_heads(heads)  # (B, H, T, Dh) -> (M, H*Dh)
+        else:
+            heads = heads.transpose(1, 2).reshape(B, T, D)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if rows is not None:
             heads = heads.reshape(-1, D).index_select(0, rows)  # (B * T or N, D) -> (M, D)
         return AttentionOutput(linear(heads, self.out), probabilities, (k, v))
