@@ -38,7 +38,8 @@ from torch.nn import functional as F  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ctxvec.runtime import ONEDNN_ROW_MULTIPLE, linear, onednn_rows, repack_weights, using_repacked  # noqa: E402
+from ctxvec.runtime import (  # noqa: E402
+    ONEDNN_ROW_MULTIPLE, linear, onednn_rows, packed_row_multiple, repack_weights, using_repacked)
 
 ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
@@ -71,6 +72,53 @@ def test_onednn_route_only_at_inference_on_cpu():
         expected = ONEDNN_ROW_MULTIPLE if torch.backends.mkldnn.is_available() else 1
         assert onednn_rows(x, layer.weight) == expected
         assert onednn_rows(x.double(), layer.weight.double()) == 1
+
+
+def test_packed_rows_are_bucketed_wherever_onednn_runs_the_matrix_multiplies():
+    """At inference on the oneDNN route and in CPU bf16 autocast (training): oneDNN keeps a
+    kernel per shape, so the encoder's packed row counts come in multiples."""
+    layer = nn.Linear(8, 8)
+    x = torch.randn(4, 8)
+    assert packed_row_multiple(x, layer.weight) == 1  # fp32 training: MKL, no kernel per shape
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert packed_row_multiple(x, layer.weight) == ONEDNN_ROW_MULTIPLE
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert packed_row_multiple(x, layer.weight) == 1
+    with torch.no_grad():
+        assert packed_row_multiple(x, layer.weight) == onednn_rows(x, layer.weight)
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
+def test_encoder_training_packs_rows_in_buckets_and_gives_the_same_gradients(autocast):
+    """The spare rows of a bucketed packing change neither the output nor the gradients."""
+    from conftest import tiny_config
+    from ctxvec import Encoder
+    import ctxvec.runtime as runtime_module
+
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_config(dropout=0.0))
+    ids = torch.randint(5, encoder.config.vocab_size, (3, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    results = []
+    for multiple in (1, ONEDNN_ROW_MULTIPLE):
+        encoder.zero_grad()
+        rows = []
+        hook = encoder.stack.layers[0].register_forward_hook(lambda m, a, o: rows.append(o.hidden_state.shape[0]))
+        original = runtime_module.ONEDNN_ROW_MULTIPLE
+        runtime_module.ONEDNN_ROW_MULTIPLE = multiple
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                out = encoder(ids, mask).last_hidden_state
+        finally:
+            runtime_module.ONEDNN_ROW_MULTIPLE = original
+            hook.remove()
+        (out.float() * mask[..., None]).square().sum().backward()
+        assert rows == [20 if multiple == 1 or not autocast else multiple]  # 20 real tokens
+        results.append((out.detach().float(), [p.grad.clone() for p in encoder.parameters()]))
+    (out1, grads1), (out2, grads2) = results
+    tol = 1e-6 if not autocast else 1e-2
+    assert (out1 - out2).abs().max() < tol
+    assert all(torch.allclose(a, b, atol=tol, rtol=tol) for a, b in zip(grads1, grads2))
 
 
 def test_linear_trains_through_f_linear():

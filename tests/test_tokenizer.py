@@ -38,6 +38,17 @@ def test_batch_is_padded_to_the_longest_with_a_mask(tok):
     assert batch.truncated == [False, False, False]
 
 
+def test_padding_to_a_shape_adds_rows_of_padding(tok):
+    encoded = tok.tokenize(["God said light", "the earth"])
+    batch = tok.pad(encoded, length=8, rows=4)
+    assert batch.input_ids.shape == batch.attention_mask.shape == (4, 8)
+    assert batch.attention_mask[2:].eq(0).all() and batch.input_ids[2:].eq(tok.pad_id).all()
+    assert torch.equal(batch.input_ids[:2, :5], tok.pad(encoded).input_ids[:, :5])
+    assert len(batch.tokens) == len(batch.n_tokens) == 2  # per-text lists: the texts only
+    with pytest.raises(ValueError, match="cannot pad 2 encodings to 1 rows"):
+        tok.pad(encoded, rows=1)
+
+
 def test_padding_to_max_length(tok):
     batch = tok.encode_batch(["the earth"], padding="max_length", max_len=12)
     assert batch.input_ids.shape == (1, 12)

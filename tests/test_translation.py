@@ -157,6 +157,28 @@ def test_training_learns_the_toy_language_and_the_run_translates(tmp_path):
     assert result.exit_code == 0 and "->" in result.output
 
 
+def test_training_batches_come_in_one_shape_per_width(tmp_path):
+    """Source and target share a width (a multiple of LENGTH_MULTIPLE) and the budget's row
+    count at that width, so a bf16 CPU run compiles few oneDNN kernels; the loss counts only
+    the pairs' real target tokens."""
+    from ctxvec.pipeline import LENGTH_MULTIPLE
+
+    pairs = toy_pairs(tmp_path / "p.tsv")
+    cfg = TranslationConfig(steps=1, **TINY)
+    trainer = TranslationTrainer(pairs, tmp_path / "run", cfg, preset=tiny_model_config(tmp_path), progress=False)
+    shapes, targets = set(), 0
+    for b in trainer.epoch_batches(0):
+        src, src_mask, tgt, tgt_mask = trainer._pad([trainer.train_encoded[i] for i in b])
+        assert src.shape == tgt.shape and src.shape[1] % LENGTH_MULTIPLE == 0
+        assert src.shape[0] == max(len(b), trainer.micro_tokens // src.shape[1])
+        assert src_mask[len(b):].eq(0).all() and tgt_mask[len(b):].eq(0).all()
+        assert trainer.count((src, src_mask, tgt, tgt_mask)) == sum(len(trainer.train_encoded[i][1].ids) - 1 for i in b)
+        shapes.add(tuple(src.shape))
+        targets += len(b)
+    assert targets == len(trainer.train_encoded)
+    assert len(shapes) == len({w for _, w in shapes})  # one row count per width
+
+
 def test_exact_resume(tmp_path):
     pairs = toy_pairs(tmp_path / "p.tsv")
     config = tiny_model_config(tmp_path)

@@ -16,7 +16,7 @@ from ctxvec.attention import TokenPacking
 from ctxvec.config import EncoderConfig
 from ctxvec.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
 from ctxvec.layer import EncoderLayer
-from ctxvec.runtime import onednn_rows
+from ctxvec.runtime import onednn_rows, packed_row_multiple
 
 
 @dataclass
@@ -164,9 +164,9 @@ class EncoderStack(nn.Module):
         # With padding, the layers work on the real tokens only, packed as (M, D); attention
         # alone unpacks them. Padding positions of the output are then 0. On the oneDNN route
         # (runtime.linear) the tokens are always packed, into a bucketed number of rows.
-        row_multiple = onednn_rows(hidden_states, self.layers[0].attention.qkv.weight)
-        packing = (TokenPacking.from_mask(mask, row_multiple)
-                   if key_mask is not None or row_multiple > 1 else None)
+        weight = self.layers[0].attention.qkv.weight
+        packing = (TokenPacking.from_mask(mask, packed_row_multiple(hidden_states, weight))
+                   if key_mask is not None or onednn_rows(hidden_states, weight) > 1 else None)
         rows = self._rows(positions, mask, packing) if positions is not None else None
         if rows is not None and output_hidden_states:
             raise ValueError("positions and output_hidden_states cannot be combined: the last "

@@ -178,13 +178,10 @@ class Pipeline:
             for indices in batches:
                 rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
                                            self.encoder.config.max_len)
-                batch = self.tokenizer.pad([encoded[i] for i in indices], length=width)
-                ids = batch.input_ids.new_full((rows, width), self.tokenizer.pad_id)
-                mask = batch.attention_mask.new_zeros((rows, width))
-                ids[: len(indices)], mask[: len(indices)] = batch.input_ids, batch.attention_mask
+                batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
                 with using_repacked(repacked):
-                    hidden = self.encoder(ids, mask).last_hidden_state[: len(indices)]
-                yield indices, hidden.float(), batch.attention_mask
+                    hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+                yield indices, hidden[: len(indices)].float(), batch.attention_mask[: len(indices)]
         release_memory()
 
     def encode(self, texts: Sequence[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,

@@ -98,6 +98,16 @@ def onednn_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     return ONEDNN_ROW_MULTIPLE
 
 
+def packed_row_multiple(x: torch.Tensor, weight: torch.Tensor) -> int:
+    """The multiple the encoder rounds its packed token rows up to for activations like ``x``:
+    ``ONEDNN_ROW_MULTIPLE`` wherever oneDNN runs the matrix multiplies (and keeps a kernel per
+    shape): ``linear``'s inference route, and bf16 autocast on a CPU (training); else 1.
+    """
+    autocast_bf16 = (x.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+                     and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+    return ONEDNN_ROW_MULTIPLE if autocast_bf16 or onednn_rows(x, weight) > 1 else 1
+
+
 def repack_weights(module: nn.Module) -> dict[nn.Module, torch.Tensor]:
     """Copies of the weights of ``module``'s ``nn.Linear`` layers repacked into oneDNN's blocked
     layout, for ``using_repacked``: the GEMMs of ``linear`` then run ~10% faster in bf16 (~6% in

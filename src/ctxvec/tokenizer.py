@@ -218,14 +218,22 @@ class Tokenizer:
             encoded.append(Encoded(ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
         return encoded
 
-    def pad(self, encoded: Sequence[Encoded], length: int | None = None) -> BatchEncoding:
-        """Stack encodings into (B, T) tensors, right-padded to ``length`` (default: the longest)."""
+    def pad(self, encoded: Sequence[Encoded], length: int | None = None, rows: int | None = None
+            ) -> BatchEncoding:
+        """Stack encodings into (B, T) tensors, right-padded to ``length`` (default: the longest).
+
+        ``rows``: make the tensors this many rows (at least one per encoding), the extra rows
+        all padding (attention mask 0); the per-text lists keep one entry per encoding.
+        """
         lengths = [len(e.ids) for e in encoded]
         width = max(lengths, default=0) if length is None else length
         if lengths and width < max(lengths):
             raise ValueError(f"cannot pad to {width}: the longest encoding has {max(lengths)} tokens.")
-        ids = np.full((len(encoded), width), self.pad_id, dtype=np.int64)
-        mask = np.zeros((len(encoded), width), dtype=np.int64)
+        if rows is not None and rows < len(encoded):
+            raise ValueError(f"cannot pad {len(encoded)} encodings to {rows} rows.")
+        n_rows = len(encoded) if rows is None else rows
+        ids = np.full((n_rows, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((n_rows, width), dtype=np.int64)
         for row, e in enumerate(encoded):
             ids[row, : lengths[row]] = e.ids
             mask[row, : lengths[row]] = 1

@@ -34,7 +34,7 @@ from torch.nn import functional as F
 from ctxvec.checkpoint import atomic_save_tensors, atomic_write, atomic_write_text, unique_state, with_aliases
 from ctxvec.decoder import Seq2SeqConfig, Translator
 from ctxvec.decoding import beam_search, greedy_decode
-from ctxvec.pipeline import length_sorted_batches
+from ctxvec.pipeline import LENGTH_MULTIPLE, length_sorted_batches, padded_shape
 from ctxvec.pretrained import WEIGHTS_FILE, load_state_strict, read_json, read_safetensors
 from ctxvec.textfile import InputFileError, check_readable, iter_texts
 from ctxvec.tokenizer import CLS, SEP, Encoded, Tokenizer
@@ -216,7 +216,8 @@ class TranslationTrainer(TrainingRun):
             pool = 64 * max(1, self.micro_tokens // 32)
             for start in range(0, len(order), pool):
                 chunk = order[start:start + pool]
-                for batch in length_sorted_batches([lengths[i] for i in chunk], self.micro_tokens):
+                for batch in length_sorted_batches([lengths[i] for i in chunk], self.micro_tokens,
+                                                   LENGTH_MULTIPLE):
                     batches.append([chunk[i] for i in batch])
             rng.shuffle(batches)
             self._epochs.append(batches)
@@ -239,8 +240,18 @@ class TranslationTrainer(TrainingRun):
         return self._locate(step)[0]
 
     def _pad(self, rows: list[tuple[Encoded, Encoded]]) -> tuple[torch.Tensor, ...]:
-        """(src_ids, src_mask, tgt_ids, tgt_mask), each (B, longest) right-padded, on the device."""
-        src, tgt = self.tokenizer.pad([s for s, _ in rows]), self.tokenizer.pad([t for _, t in rows])
+        """(src_ids, src_mask, tgt_ids, tgt_mask), all (R, W), right-padded, on the device.
+
+        Source and target share one width W, the longest of both rounded up to
+        ``LENGTH_MULTIPLE``, and R is as many rows as the token budget allows at that width
+        (rows of padding after the pairs; the loss ignores them): batch shapes then depend on
+        W alone. In bf16 on a CPU, oneDNN keeps a compiled kernel per matrix shape, and a
+        training process whose shapes changed with every batch grew by gigabytes.
+        """
+        longest = max(max(len(s.ids), len(t.ids)) for s, t in rows)
+        n, width = padded_shape(longest, len(rows), self.micro_tokens, self.cfg.seq_len)
+        src = self.tokenizer.pad([s for s, _ in rows], length=width, rows=n)
+        tgt = self.tokenizer.pad([t for _, t in rows], length=width, rows=n)
         return tuple(t.to(self.d.device) for t in (src.input_ids, src.attention_mask,
                                                     tgt.input_ids, tgt.attention_mask))
 
@@ -272,7 +283,7 @@ class TranslationTrainer(TrainingRun):
         shard = list(range(self.d.rank, len(self.valid_encoded), self.d.world))
         total, count = torch.zeros(()), torch.zeros(())
         lengths = [max(len(self.valid_encoded[i][0].ids), len(self.valid_encoded[i][1].ids)) for i in shard]
-        for batch in length_sorted_batches(lengths, self.micro_tokens):
+        for batch in length_sorted_batches(lengths, self.micro_tokens, LENGTH_MULTIPLE):
             padded = self._pad([self.valid_encoded[shard[i]] for i in batch])
             with self.autocast():
                 total += self.loss_sum(self.model, padded, label_smoothing=0.0).float().cpu()
