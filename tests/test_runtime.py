@@ -89,7 +89,7 @@ def test_packed_rows_are_bucketed_wherever_onednn_runs_the_matrix_multiplies():
 
 
 @pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "bf16-autocast"])
-def test_encoder_training_packs_rows_in_buckets_and_gives_the_same_gradients(autocast):
+def test_encoder_training_packs_rows_in_buckets_and_gives_the_same_gradients(autocast, monkeypatch):
     """The spare rows of a bucketed packing change neither the output nor the gradients."""
     from conftest import tiny_config
     from ctxvec import Encoder
@@ -104,14 +104,10 @@ def test_encoder_training_packs_rows_in_buckets_and_gives_the_same_gradients(aut
         encoder.zero_grad()
         rows = []
         hook = encoder.stack.layers[0].register_forward_hook(lambda m, a, o: rows.append(o.hidden_state.shape[0]))
-        original = runtime_module.ONEDNN_ROW_MULTIPLE
-        runtime_module.ONEDNN_ROW_MULTIPLE = multiple
-        try:
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-                out = encoder(ids, mask).last_hidden_state
-        finally:
-            runtime_module.ONEDNN_ROW_MULTIPLE = original
-            hook.remove()
+        monkeypatch.setattr(runtime_module, "ONEDNN_ROW_MULTIPLE", multiple)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = encoder(ids, mask).last_hidden_state
+        hook.remove()
         (out.float() * mask[..., None]).square().sum().backward()
         assert rows == [20 if multiple == 1 or not autocast else multiple]  # 20 real tokens
         results.append((out.detach().float(), [p.grad.clone() for p in encoder.parameters()]))

@@ -15,7 +15,7 @@ from torch.nn import functional as F
 
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder, init_weights
-from ctxvec.runtime import ONEDNN_ROW_MULTIPLE
+from ctxvec.runtime import packed_row_multiple
 
 
 @dataclass
@@ -53,10 +53,11 @@ class MaskedLanguageModel(nn.Module):
                 attention_mask: torch.Tensor | None = None) -> MaskedLMOutput:
         """input_ids, labels, chosen (bool), attention_mask: (B, T)."""
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(chosen)
-        positions = round_up_positions(chosen, real, ONEDNN_ROW_MULTIPLE)
+        embedding = self.encoder.embeddings.tokens.weight  # the activations' dtype and device
+        positions = round_up_positions(chosen, real, packed_row_multiple(embedding, embedding))
         # the last layer computes these positions only: (M', D), the chosen M and a few more
         hidden = self.encoder(input_ids, attention_mask, positions=positions).last_hidden_state
-        logits = self.head(hidden, self.encoder.embeddings.tokens.weight)  # (M', V)
+        logits = self.head(hidden, embedding)  # (M', V)
         predicted = chosen[positions]  # (M',) True at the chosen rows, in the same row-major order
         targets = labels[positions].masked_fill(~predicted, -100)  # the extra rows count for nothing
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
