@@ -1,11 +1,12 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
 
-from ctxvec import EncoderConfig
+from ctxvec import Encoder, EncoderConfig
 
 
 # The reference libraries must never reach for a model hub: everything is local.
@@ -49,3 +50,18 @@ def _seed() -> None:
 @pytest.fixture
 def config() -> EncoderConfig:
     return tiny_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    """A small ctxvec model folder (the shipped tokenizer, a 2-layer 32-wide encoder)."""
+    from ctxvec.models import save_pipeline, seed_tokenizer
+    from ctxvec.pipeline import Pipeline
+
+    tokenizer = seed_tokenizer(max_len=64)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = Encoder(tiny_config(vocab_size=tokenizer.vocab_size, max_len=64))
+    folder = tmp_path_factory.mktemp("tiny")
+    save_pipeline(Pipeline(tokenizer, encoder, name="tiny"), folder, "a tiny test model")
+    return folder

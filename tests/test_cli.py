@@ -1,6 +1,10 @@
+import errno
 import json
+import os
+import resource
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -126,6 +130,159 @@ def test_embed_bad_files_name_the_line(tmp_path, content, name, words):
 def test_embed_reports_truncation_and_strict_names_the_line(tmp_path):
     content = ("short\n" + "word " * 400 + "\n").encode()
     proc, _ = _embed(tmp_path, content)
-    assert proc.returncode == 0 and "1 text(s) were truncated to 256 tokens: line(s) 2" in proc.stdout
+    assert proc.returncode == 0 and "1 text(s) were truncated to 256 tokens: line(s) 2" in proc.stderr
     proc, _ = _embed(tmp_path, content, "in.txt", "--strict")
-    assert proc.returncode == 1 and "line 2: 402 tokens" in proc.stderr
+    assert proc.returncode == 1 and "line 2: has 402 tokens, more than max_len=256" in proc.stderr
+
+
+# ---- errors are one line ----------------------------------------------------------------------
+
+@pytest.mark.parametrize("args, words", [
+    (["encode"], "Missing argument 'TEXTS...'. (see `ctxvec encode --help`)"),
+    (["encode", "x", "--bogus"], "No such option '--bogus'"),
+    (["encode", "x", "--precision", "fp8"], "'fp8' is not one of 'fp32', 'bf16'"),
+    (["embed", "in.txt"], "Missing option '--output'"),
+    (["bogus"], "No such command 'bogus'. (see `ctxvec --help`)"),
+    (["train", "c.txt", "--out", "r", "--steps", "0"], "0 is not in the range x>=1"),
+])
+def test_usage_errors_are_one_line(tmp_path, args, words):
+    """Before: click printed three lines (usage, a hint, the error)."""
+    proc = subprocess.run([sys.executable, "-m", "ctxvec", *args], capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert proc.stderr.splitlines() == [proc.stderr.strip()] and proc.stderr.startswith("Error: ")
+    assert words in proc.stderr
+
+
+@pytest.mark.parametrize("content, words", [
+    (b"good\nw\xe9rld\n", "corpus.txt, line 2: not valid UTF-8."),
+    (b"\n  \n", "the training text holds no words: a vocabulary cannot be learned from it."),
+], ids=["not utf-8", "no words"])
+def test_train_tokenizer_on_a_bad_corpus_is_one_line(tmp_path, content, words):
+    """Before: a traceback from the Rust trainer naming neither file nor line, and an empty
+    corpus "succeeded" with a vocabulary of the 5 special tokens."""
+    (tmp_path / "corpus.txt").write_bytes(content)
+    proc = subprocess.run([sys.executable, "-m", "ctxvec", "train-tokenizer", "corpus.txt", "-o", "tok"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 1 and proc.stderr.strip() == f"Error: {words}"
+    assert not (tmp_path / "tok" / "tokenizer.json").exists()
+
+
+def test_running_out_of_memory_is_one_line(tiny_model, monkeypatch):
+    from ctxvec.encoder import Encoder
+
+    def allocate(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
+                           "you tried to allocate 164282499072 bytes.")
+
+    monkeypatch.setattr(Encoder, "forward", allocate)
+    result = CliRunner().invoke(main, ["encode", "x", "--model", str(tiny_model)])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert result.output.startswith("Error: out of memory (") and "lower --batch-tokens" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_a_builtin_name_and_a_folder_of_that_name_say_which_was_loaded(tmp_path, tiny_model):
+    (tmp_path / "seed").mkdir()
+    proc = subprocess.run([sys.executable, "-m", "ctxvec", "encode", "x", "--model", "seed"], capture_output=True,
+                          text=True, cwd=tmp_path)
+    assert proc.returncode == 0
+    assert "loading the built-in model 'seed'; for the folder of that name, give --model ./seed" in proc.stderr
+
+
+# ---- every file every command writes is atomic, with one-line errors --------------------------
+
+def _writers(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], Path]]:
+    """command line -> the file it writes, for every command that writes one."""
+    from ctxvec.decoder import Seq2SeqConfig, Translator
+    from ctxvec.models import seed_tokenizer
+    from ctxvec.translation import export_translator
+
+    from conftest import tiny_config
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog\n" * 50)
+    texts = tmp_path / "texts.txt"
+    texts.write_text("el perro come pan\n" * 40)
+    tokenizer = seed_tokenizer(max_len=32)
+    translator = Translator(Seq2SeqConfig(tiny_config(vocab_size=tokenizer.vocab_size)))
+    export_translator(tmp_path / "mt", translator, tokenizer, 32, "an untrained translator")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "loss": 5.0 / s}) + "\n" for s in range(1, 9)))
+    model = ["--model", str(tiny_model)]
+    return {
+        "encode .json": (["encode", "a", "b", *model, "-o", "out/v.json"], tmp_path / "out/v.json"),
+        "encode .npy": (["encode", "a", *model, "-o", "out/v.npy"], tmp_path / "out/v.npy"),
+        "encode .npz": (["encode", "a", "b", *model, "-o", "out/v.npz"], tmp_path / "out/v.npz"),
+        "train-tokenizer": (["train-tokenizer", str(corpus), "-o", "out/tok.json", "--vocab-size", "60"],
+                            tmp_path / "out/tok.json"),
+        "translate": (["translate", "--file", str(texts), "--model", str(tmp_path / "mt"), "--beam", "1",
+                       "-o", "out/en.txt"], tmp_path / "out/en.txt"),
+        "explain": (["explain", "my name is aj", *model, "-o", "out/page.html"], tmp_path / "out/page.html"),
+        "plot": (["plot", str(run), "-o", "out/loss.png"], tmp_path / "out/loss.png"),
+    }
+
+
+WRITERS = ["encode .json", "encode .npy", "encode .npz", "train-tokenizer", "translate", "explain", "plot"]
+
+
+@pytest.fixture(scope="module")
+def writers(tmp_path_factory, tiny_model):
+    folder = tmp_path_factory.mktemp("writers")
+    (folder / "out").mkdir()
+    return folder, _writers(folder, tiny_model)
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_a_file_size_limit_leaves_the_old_file_and_no_debris(writers, name):
+    """Before: tracebacks, and truncated files (an invalid 20 kB JSON, a 0-byte .npz)."""
+    folder, commands = writers
+    args, target = commands[name]
+    target.write_bytes(b"the previous file")
+    limit = 256  # bytes: under every output, over nothing else a command writes
+    proc = subprocess.run([sys.executable, "-m", "ctxvec", *args], capture_output=True, text=True, cwd=folder,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error")]
+    assert errors == [f"Error: cannot write {target.relative_to(folder)}: the file would exceed this process's "
+                      "file size limit (ulimit -f)."], proc.stderr
+    assert target.read_bytes() == b"the previous file"
+    assert sorted(p.name for p in target.parent.iterdir()) == [target.name]  # no temporary files left
+    target.unlink()
+
+
+@pytest.mark.parametrize("name", WRITERS)
+def test_files_follow_the_umask(writers, name):
+    """Before: files written atomically came out 0600 whatever the umask."""
+    folder, commands = writers
+    args, target = commands[name]
+    for umask, mode in [(0o022, 0o644), (0o077, 0o600)][: 2 if name == "encode .json" else 1]:
+        proc = subprocess.run([sys.executable, "-m", "ctxvec", *args], capture_output=True, text=True, cwd=folder,
+                              preexec_fn=lambda: os.umask(umask))
+        assert proc.returncode == 0, proc.stderr
+        assert target.stat().st_mode & 0o777 == mode
+        target.unlink()
+
+
+@pytest.mark.parametrize("failure, words", [
+    ("read-only", "read-only file system"),
+    ("full", "no space left on the device"),
+    ("denied", "permission denied"),
+])
+def test_write_failures_are_one_line_and_leave_nothing(tmp_path, tiny_model, monkeypatch, failure, words):
+    import ctxvec.checkpoint as checkpoint
+
+    code = {"read-only": errno.EROFS, "full": errno.ENOSPC, "denied": errno.EACCES}[failure]
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    if failure == "full":  # the data is written, then fsync finds no room (as NFS reports it)
+        monkeypatch.setattr(checkpoint, "_fsync_file", fail)
+    else:  # the temporary file cannot be created
+        monkeypatch.setattr(checkpoint.os, "open", fail)
+    out = tmp_path / "v.json"
+    result = CliRunner().invoke(main, ["encode", "a", "--model", str(tiny_model), "-o", str(out)])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines()[-1].startswith(f"Error: cannot write {out}: {words}")
+    assert list(tmp_path.iterdir()) == []

@@ -56,26 +56,75 @@ def test_unknown_model_lists_the_known_ones():
         load("gpt-17")
 
 
-def test_batches_come_in_few_shapes_and_padding_changes_no_vector():
-    """Widths are multiples of LENGTH_MULTIPLE and each width has one row count (the budget's),
-    so oneDNN compiles few attention kernels; the vectors equal those of texts embedded alone."""
+def _tiny_pipeline():
     from conftest import tiny_config
     from ctxvec import Encoder, Pipeline
     from ctxvec.models import seed_tokenizer
-    from ctxvec.pipeline import LENGTH_MULTIPLE
 
     tokenizer = seed_tokenizer(max_len=40)
-    pipeline = Pipeline(tokenizer, Encoder(tiny_config(vocab_size=tokenizer.vocab_size)))
-    rng = np.random.default_rng(0)
+    return Pipeline(tokenizer, Encoder(tiny_config(vocab_size=tokenizer.vocab_size)))
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    rng = np.random.default_rng(seed)
     words = ["light", "the", "earth", "and", "waters", "day", "night", "god", "saw", "good"]
-    texts = [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(300)]
+    return [" ".join(rng.choice(words, size=rng.integers(1, 30))) for _ in range(n)]
+
+
+def _batch_shapes(pipeline, texts, **options) -> tuple[np.ndarray, list[tuple[int, int]]]:
     shapes = []
     hook = pipeline.encoder.register_forward_hook(lambda m, args, out: shapes.append(tuple(args[0].shape)))
     try:
-        together = pipeline.embed(texts, batch_tokens=128)
+        return pipeline.embed(texts, **options), shapes
     finally:
         hook.remove()
+
+
+def test_batches_come_in_few_shapes_and_padding_changes_no_vector():
+    """Widths are multiples of LENGTH_MULTIPLE and rows the budget's or a power of two, so
+    oneDNN compiles few attention kernels; the vectors equal those of texts embedded alone."""
+    from ctxvec.pipeline import LENGTH_MULTIPLE
+
+    pipeline, texts = _tiny_pipeline(), _texts(300)
+    together, shapes = _batch_shapes(pipeline, texts, batch_tokens=128)
     assert all(width % LENGTH_MULTIPLE == 0 for _, width in shapes)
-    assert len(set(shapes)) == len({width for _, width in shapes}) < len(shapes) / 3
+    assert all(rows == 128 // width or rows & (rows - 1) == 0 for rows, width in shapes)
+    assert len(set(shapes)) < len(shapes) / 3
     alone = np.stack([pipeline.embed([t])[0] for t in texts[:20]])
     assert np.abs(together[:20] - alone).max() < 1e-5
+
+
+@pytest.mark.parametrize("batch_tokens", [10**6, 10**8])
+def test_a_batch_has_as_many_rows_as_texts_whatever_the_budget(batch_tokens):
+    """Before: a budget of 10^6 padded 20 texts to 25,000 rows (80 s, 12 GB), 10^8 to a 153 GB
+    allocation. Now rows are the texts rounded up to a power of two."""
+    pipeline, texts = _tiny_pipeline(), _texts(20)
+    vectors, shapes = _batch_shapes(pipeline, texts, batch_tokens=batch_tokens)
+    assert [rows for rows, _ in shapes] == [32]
+    assert np.abs(vectors - pipeline.embed(texts)).max() < 1e-6
+
+
+@pytest.mark.parametrize("make", [lambda t: (x for x in t), lambda t: np.array(t), tuple],
+                         ids=["generator", "numpy", "tuple"])
+def test_any_iterable_of_strings_is_embedded(seed, make):
+    """Before: "wrap a single text in a list" for a numpy array of strings or a generator."""
+    texts = ["my name is aj", "in the beginning"]
+    assert np.array_equal(seed.embed(make(texts)), seed.embed(texts))
+    assert [r.text for r in seed.encode(make(texts))] == texts
+
+
+# How far a text's sentence vector may move with what else is in its batch (the README states
+# it): batch size, budget and padding change the order of the floating-point sums.
+BATCH_BOUND = {"fp32": 1e-6, "bf16": 1e-3}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_texts_vector_depends_on_its_batch_within_the_stated_bound(precision):
+    pipeline = load("minilm", precision=precision)
+    texts = _texts(120, seed=1) + ["", "a", "word " * 300]
+    alone = np.stack([pipeline.embed([t])[0] for t in texts])
+    variants = [pipeline.embed(texts, batch_tokens=b) for b in (64, 1024, 100_000)]
+    variants.append(np.concatenate([pipeline.embed(texts[i:i + 7]) for i in range(0, len(texts), 7)]))
+    worst = max(float(np.abs(v - alone).max()) for v in variants)
+    print(f"\n{precision}: a text's vector moves at most {worst:.2e} with its batch")
+    assert worst <= BATCH_BOUND[precision]

@@ -2,8 +2,9 @@
 
 Complements the per-module error tests (test_encoder, test_tokenizer, test_cli, test_pretrained,
 test_train) with the cross-cutting matrix: texts, files, tensors and options through the public
-API and the CLI, hostile model files, property-based fuzzing, ``embed --resume`` after
-SIGINT/SIGTERM/SIGKILL, memory over 1,000 calls, and concurrent use from threads.
+API and the CLI, hostile model files, property-based fuzzing, memory over 1,000 calls,
+concurrent use from threads, and the bound on how much a text's vector depends on its batch.
+(``embed`` jobs: tests/test_embedfile.py.)
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import ctxvec
 from ctxvec import Encoder, EncoderConfig
 from ctxvec.cli import main
 from ctxvec.encoder import EncoderStack, NonFiniteError
-from ctxvec.models import save_pipeline, seed_tokenizer
-from ctxvec.pipeline import Pipeline
 from ctxvec.pretrained import WeightsError, minilm_dir
 
 from conftest import tiny_config
@@ -41,17 +40,6 @@ FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 @pytest.fixture(scope="module")
 def minilm():
     return ctxvec.load("minilm")
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    """A small ctxvec model folder (the shipped tokenizer, a 2-layer 32-wide encoder)."""
-    tokenizer = seed_tokenizer(max_len=64)
-    torch.manual_seed(0)
-    encoder = Encoder(tiny_config(vocab_size=tokenizer.vocab_size, max_len=64))
-    folder = tmp_path_factory.mktemp("tiny")
-    save_pipeline(Pipeline(tokenizer, encoder, name="tiny"), folder, "a tiny test model")
-    return folder
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -97,7 +85,7 @@ def test_odd_texts_give_finite_vectors_independent_of_the_batch(minilm, name):
 
 @pytest.mark.parametrize("bad, error, words", [
     (["ok", "lone \ud800 surrogate"], ValueError, "text 1 is not valid Unicode"),
-    ("a single string", TypeError, "list of strings"),
+    ("a single string", TypeError, "wrap a single text in a list"),
     (["ok", None], TypeError, "text 1 is a NoneType"),
     (["ok", b"bytes"], TypeError, "text 1 is a bytes"),
 ])
@@ -305,6 +293,42 @@ def test_wrong_dtype_and_extra_tensors_in_a_ctxvec_folder(tmp_path, tiny_model):
             ctxvec.load(folder)
 
 
+def _minilm_copy(folder: Path) -> Path:
+    """all-MiniLM-L6-v2's folder, its weights linked, its small files copied (to be spoiled)."""
+    folder.mkdir()
+    for f in minilm_dir().iterdir():
+        if f.is_file():
+            (folder / f.name).symlink_to(f) if f.name == "model.safetensors" else (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_bytes((minilm_dir() / "1_Pooling" / "config.json").read_bytes())
+    return folder
+
+
+@pytest.mark.parametrize("spoil, words", [
+    (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: no such file"),
+    (lambda f: (f / "modules.json").write_text('{"type": "Pooling"}'), "modules.json must hold a JSON list, not a dict"),
+    (lambda f: (f / "modules.json").write_text('["Pooling"]'), "modules.json: entry 0 must be an object"),
+    (lambda f: (f / "modules.json").write_text("[" * 50_000), "cannot read"),
+    (lambda f: _edit_json(f / "config.json", vocab_size=10**12),
+     "embeddings.tokens.weight has shape (30522, 384), the model expects (1000000000000, 384)"),
+    (lambda f: _edit_json(f / "config.json", max_position_embeddings=10**12), "the model expects (1000000000000, 384)"),
+    (lambda f: _edit_json(f / "config.json", num_hidden_layers=10**9), "holds 104 tensors, too few for the 1000000000 layers"),
+    (lambda f: _edit_json(f / "config.json", intermediate_size=10**11), "the model expects (100000000000, 384)"),
+], ids=["no tokenizer", "modules not a list", "modules entry", "modules nested", "vocab 10^12", "positions 10^12",
+        "layers 10^9", "ffn 10^11"])
+def test_spoiled_model_folders_are_one_line_errors_before_any_allocation(tmp_path, spoil, words):
+    """Before: tracebacks, and ``vocab_size`` 10^12 tried to allocate 1.5 TB before any check."""
+    folder = _minilm_copy(tmp_path / "model")
+    spoil(folder)
+    proc = cli("encode", "x", "--model", str(folder))
+    line = one_line_error(proc)
+    assert words in line and str(folder) in line
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
 # ---- property-based fuzzing ---------------------------------------------------------------
 
 @FUZZ
@@ -355,88 +379,6 @@ def _fuzz_encoder() -> Encoder:
         torch.manual_seed(0)
         _ENCODER.append(Encoder(tiny_config()).eval())
     return _ENCODER[0]
-
-
-# ---- interrupted embed jobs resume to the identical result ----------------------------------
-
-def _corpus(path: Path, n: int) -> None:
-    words = ("the heavens and earth were made in six days light water land sea night day "
-             "beginning spirit face deep void form god said let there be").split()
-    lines = [" ".join(words[(i * 7 + j * 3) % len(words)] for j in range(1 + (i * 13) % 60)) for i in range(n)]
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-
-
-def _embed_command(src: Path, out: Path, model: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "ctxvec", "embed", str(src), "-o", str(out), "--model", str(model),
-            "--threads", "1", "--chunk-size", "100", *extra]
-
-
-@pytest.fixture(scope="module")
-def resume_case(tmp_path_factory, tiny_model):
-    """An 8,000-line file and its uninterrupted embedding."""
-    folder = tmp_path_factory.mktemp("resume")
-    src = folder / "big.txt"
-    _corpus(src, 8_000)
-    reference = folder / "reference.npy"
-    proc = subprocess.run(_embed_command(src, reference, tiny_model), capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return src, np.load(reference)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
-def test_embed_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_model, resume_case, sig):
-    src, reference = resume_case
-    out = tmp_path / "v.npy"
-    progress = tmp_path / ".v.npy.progress.json"
-    proc = subprocess.Popen(_embed_command(src, out, tiny_model), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and proc.poll() is None:
-        if progress.exists() and json.loads(progress.read_text())["done"] >= 1000:
-            break
-        time.sleep(0.005)
-    proc.send_signal(sig)
-    _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == (-signal.SIGKILL if sig == signal.SIGKILL else 130), stderr
-    if sig != signal.SIGKILL:
-        assert "interrupted after" in stderr and "--resume" in stderr and "Traceback" not in stderr
-    assert not out.exists()  # never a half-written output
-    done = json.loads(progress.read_text())["done"]
-    assert 1000 <= done < len(reference)
-
-    resumed = subprocess.run(_embed_command(src, out, tiny_model, "--resume"), capture_output=True, text=True)
-    assert resumed.returncode == 0, resumed.stderr
-    assert f"resumed after {done}" in resumed.stdout
-    assert np.array_equal(np.load(out), reference)  # bit-identical
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]  # no leftovers
-
-
-def test_resume_refuses_a_different_job_and_runs_fresh_without_one(tmp_path, tiny_model):
-    from ctxvec.embedfile import EmbedInterrupted, embed_file
-
-    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
-    _corpus(src, 50)
-    pipeline = ctxvec.load(tiny_model)
-    calls = []
-
-    def stop_after_first_chunk(n):
-        calls.append(n)
-        raise KeyboardInterrupt
-
-    with pytest.raises(EmbedInterrupted, match="interrupted after 10 of 50 texts"):
-        embed_file(pipeline, src, out, chunk_size=10, on_progress=stop_after_first_chunk)
-    with pytest.raises(ValueError, match="chunk_size was 10, now 20"):
-        embed_file(pipeline, src, out, chunk_size=20, resume=True)
-    src.write_text(src.read_text() + "one more line\n")
-    with pytest.raises(ValueError, match="cannot resume: .*n_texts was 50, now 51"):
-        embed_file(pipeline, src, out, chunk_size=10, resume=True)
-    result = embed_file(pipeline, src, out, chunk_size=10, resume=False)  # starts over
-    assert result.resumed_from == 0 and np.load(out).shape == (51, 32)
-    out.unlink()
-    result = embed_file(pipeline, src, out, chunk_size=10, resume=True)  # nothing to resume: runs
-    assert result.resumed_from == 0
-    assert np.abs(np.load(out) - pipeline.embed(src.read_text().splitlines())).max() < 1e-5
 
 
 # ---- load and memory ----------------------------------------------------------------------

@@ -15,10 +15,12 @@ import torch
 from safetensors.torch import load_file
 
 from ctxvec.checkpoint import load_checkpoint
+from ctxvec.cli import main
 from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
 from ctxvec.mlm import MaskedLanguageModel, round_up_positions
 from ctxvec.models import seed_tokenizer
+from ctxvec.tokenizer import Tokenizer
 from ctxvec.train import Trainer, TrainConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -155,6 +157,68 @@ def test_an_existing_run_needs_resume(tmp_path, corpus, tokenizer_file):
         Trainer([corpus], tmp_path / "run", cfg, preset=config, tokenizer=str(tokenizer_file), progress=False)
 
 
+def test_two_runs_with_the_same_seed_are_identical_with_a_tokenizer_trained_each_time(tmp_path, corpus):
+    """Before: the WordPiece trainer gave a different vocabulary each run, so ``--seed`` did not
+    make ``ctxvec train`` reproducible without ``--tokenizer``."""
+    cfg = TrainConfig(**{**TINY, "steps": 3, "vocab_size": 300})
+    for name in ("a", "b"):
+        Trainer([corpus], tmp_path / name, cfg, preset=tiny_config_file(tmp_path, 0.1), progress=False).run()
+    assert (tmp_path / "a" / "tokenizer.json").read_bytes() == (tmp_path / "b" / "tokenizer.json").read_bytes()
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def _train_cli(corpus: Path, run: Path, config: str, *extra: str):
+    from click.testing import CliRunner
+
+    args = ["train", str(corpus), "--out", str(run), "--config", config, "--batch-tokens", "256", "--seq-len", "32",
+            "--warmup", "1", "--eval-every", "2", "--save-every", "2", "--vocab-size", "200", *extra]
+    return CliRunner().invoke(main, args)
+
+
+def test_what_a_resume_finds_is_said(tmp_path, corpus):
+    """Before: a --resume without a checkpoint started fresh in silence, and a resume of a
+    finished run printed "trained to step 2: ;"."""
+    config = tiny_config_file(tmp_path, 0.0)
+    run = tmp_path / "run"
+    result = _train_cli(corpus, run, config, "--steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"--resume: {run} holds no checkpoint yet, so this is a new run" in result.output
+    assert "trained to step 2: held-out loss" in result.output
+    result = _train_cli(corpus, run, config, "--steps", "2", "--resume")
+    assert result.exit_code == 0, result.output
+    assert f"the run in {run}/ is already at step 2 (--steps 2); nothing was done" in result.output
+    assert "trained to" not in result.output
+
+
+def test_a_tokenizer_already_in_the_run_folder_is_named(tmp_path, corpus, tokenizer_file):
+    """Before: ``train --out DIR`` reused DIR/tokenizer.json without a word, even against --tokenizer."""
+    config = tiny_config_file(tmp_path, 0.0)
+    run = tmp_path / "run"
+    run.mkdir()
+    Tokenizer.train([corpus], vocab_size=80).save(run / "tokenizer.json")
+    result = _train_cli(corpus, run, config, "--steps", "1")
+    assert result.exit_code == 0, result.output
+    assert f"using the tokenizer already in {run / 'tokenizer.json'} (80 tokens)" in result.output
+    other = tmp_path / "other"
+    result = _train_cli(corpus, other, config, "--steps", "1", "--tokenizer", str(tokenizer_file))
+    assert f"tokenizer: {tokenizer_file}, copied to {other / 'tokenizer.json'}" in result.output
+    result = _train_cli(corpus, run, config, "--steps", "2", "--resume", "--tokenizer", str(tokenizer_file))
+    assert result.exit_code == 1
+    assert f"{run / 'tokenizer.json'} already exists and differs from --tokenizer {tokenizer_file}" in result.output
+
+
+def test_a_second_training_on_the_same_run_folder_is_refused(tmp_path, corpus):
+    from ctxvec.checkpoint import exclusive_lock
+
+    run = tmp_path / "run"
+    run.mkdir()
+    with exclusive_lock(run, "--out"):
+        result = _train_cli(corpus, run, tiny_config_file(tmp_path, 0.0), "--steps", "1")
+    assert result.exit_code == 1
+    assert f"another job (process {os.getpid()}) is writing {run}; wait for it to finish, or choose another --out" \
+        in result.output
+
+
 CHILD = textwrap.dedent("""
     import sys, time
     import ctxvec.checkpoint as ck
@@ -217,7 +281,8 @@ def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpu
     monkeypatch.setattr(ck, "save_file", disk_full)
     trainer = Trainer([corpus], run, TrainConfig(**{**TINY, "steps": 6}), preset=config,
                       tokenizer=str(tokenizer_file), resume=True, progress=False)
-    with pytest.raises(OSError, match=error[1]):
+    with pytest.raises(OSError, match=rf"cannot write the checkpoint {run}/checkpoints/step-00000006: "
+                                      rf"{error[1].lower().replace('device', 'the device')}"):
         trainer.run()
     assert load_checkpoint(run)[0] == 3
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003"]  # no debris

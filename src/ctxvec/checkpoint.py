@@ -9,17 +9,49 @@ atomically, last) names the newest complete one. Nothing is ever pickled.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import os
+import re
+import secrets
 import shutil
-import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 LATEST = "latest.json"
+
+
+class OutputError(OSError):
+    """A file could not be written; the message names the file and says why, in one line."""
+
+
+def write_error(path: Path, err: OSError, action: str = "cannot write") -> OutputError:
+    """``err`` from writing ``path`` as one line a person can act on (a full disk says how full)."""
+    if err.errno == errno.ENOSPC:
+        free = shutil.disk_usage(path.parent).free if path.parent.exists() else 0
+        why = f"no space left on the device ({format_bytes(free)} free in {path.parent})"
+    elif err.errno == errno.EFBIG:
+        why = "the file would exceed this process's file size limit (ulimit -f)"
+    else:
+        why = (err.strerror or str(err)).lower() if err.errno else str(err)
+    error = OutputError(f"{action} {path}: {why}.")
+    error.errno = err.errno
+    return error
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("bytes", "kB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1000
+    raise AssertionError  # unreachable
 
 
 def fsync_dir(folder: Path) -> None:
@@ -35,28 +67,105 @@ def _fsync_file(path: Path) -> None:
         os.fsync(f.fileno())
 
 
+def new_temporary(path: Path) -> Path:
+    """An empty file beside ``path`` under a hidden random name.
+
+    Created with mode 0666 less the umask, as any new file is (``tempfile.mkstemp`` makes 0600
+    files, which the rename would hand on to the user's output).
+    """
+    while True:
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+            return tmp
+        except FileExistsError:
+            continue
+
+
 def atomic_write(path: str | Path, write) -> None:
-    """Write ``path`` through ``write(tmp_path)`` atomically (same-folder temp, fsync, rename)."""
+    """Write ``path`` through ``write(tmp_path)`` atomically (same-folder temp, fsync, rename).
+
+    A reader sees the old file or the new one, never a half-written one; a failed write
+    (full disk, file size limit, read-only folder) leaves no temporary file behind and raises
+    ``OutputError`` naming ``path``.
+    """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
-        write(Path(tmp))
-        _fsync_file(Path(tmp))
+        tmp = new_temporary(path)
+        write(tmp)
+        _fsync_file(tmp)
         os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except OSError as err:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+        if isinstance(err, OutputError):
+            raise
+        raise write_error(path, err) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def exclusive_lock(target: Path, what: str) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``target`` for the duration (``fcntl.flock``, never waits).
+
+    A second job on the same target is refused at once instead of racing the first one. The
+    lock file is removed when the job ends; an inode check makes sure a job never holds a lock
+    file another job has just removed.
+    """
+    lock = target.with_name(f".{target.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 32).decode(errors="replace").strip()
+            os.close(fd)
+            pid = f" (process {holder})" if holder.isdigit() else ""
+            raise ValueError(f"another job{pid} is writing {target}; wait for it to finish, or choose "
+                             f"another {what}.") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed this file after we opened it: start again
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures raised as ``OSError`` (errno kept)."""
+    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    try:
+        save_file(contiguous, str(path), metadata=metadata)
+    except SafetensorError as err:  # "... I/O error: File too large (os error 27)"
+        code = re.search(r"\(os error (\d+)\)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from None
 
 
 def atomic_save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(contiguous, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: save_tensors(tensors, tmp, metadata))
 
 
 # ---- tied weights ------------------------------------------------------------------------------
@@ -118,10 +227,11 @@ def save_checkpoint(run: Path, step: int, tensors: dict[str, dict[str, torch.Ten
     root = run / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:08d}.", dir=root))
+    tmp = root / f".{final.name}.{secrets.token_hex(4)}.tmp"
+    os.mkdir(tmp, 0o777)  # the umask applies, as to any folder (mkdtemp would make it 0700)
     try:
         for name, group in tensors.items():
-            save_file({k: v.detach().contiguous().cpu() for k, v in group.items()}, str(tmp / f"{name}.safetensors"))
+            save_tensors(group, tmp / f"{name}.safetensors")
             _fsync_file(tmp / f"{name}.safetensors")
         (tmp / "state.json").write_text(json.dumps(meta, indent=1) + "\n", encoding="utf-8")
         _fsync_file(tmp / "state.json")
@@ -130,6 +240,9 @@ def save_checkpoint(run: Path, step: int, tensors: dict[str, dict[str, torch.Ten
             shutil.rmtree(final)
         os.replace(tmp, final)
         fsync_dir(root)
+    except OSError as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_error(final, err, "cannot write the checkpoint") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

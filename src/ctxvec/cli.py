@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
+from ctxvec.checkpoint import OutputError, atomic_write_bytes, atomic_write_text
 from ctxvec.embedfile import DEFAULT_CHUNK
 from ctxvec.pipeline import DEFAULT_BATCH_TOKENS
 from ctxvec.runtime import PRECISIONS, set_threads
@@ -20,10 +22,63 @@ from ctxvec.runtime import PRECISIONS, set_threads
 OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class UsageError(click.ClickException):
+    """A usage error shown as one line (click's own takes three), with where to find help."""
+
+    exit_code = 2
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+@contextlib.contextmanager
+def _errors_as_one_line():
+    """Every error a user can cause ends as one line on stderr and a non-zero exit.
+
+    Usage errors (exit 2) name the command's --help. The library's errors are ``ValueError``
+    (bad input, bad files, bad options: the message is a sentence that names the problem) and
+    ``OSError`` (the file system). Running out of memory is said so, with what to lower.
+    Anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "ctxvec"
+        raise UsageError(_one_line(f"{err.format_message()} (see `{where} --help`)")) from None
+    except click.ClickException:
+        raise
+    except (ValueError, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename:
+            raise click.ClickException(_one_line(f"{err.filename}: {(err.strerror or str(err)).lower()}.")) from None
+        raise click.ClickException(_one_line(str(err))) from None
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        detail = _one_line(str(err))[-160:]
+        raise click.ClickException(f"out of memory ({detail or 'MemoryError'}); lower --batch-tokens "
+                                   "or the size of the job.") from None
+
+
+class Commands(click.Group):
+    """The ``ctxvec`` group: one-line errors for every command (see ``_errors_as_one_line``)."""
+
+    def make_context(self, *args, **kwargs):
+        with _errors_as_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _errors_as_one_line():
+            return super().invoke(ctx)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="ctxvec")
 def main() -> None:
-    """ctxvec: raw words -> context vectors, with a Transformer encoder built step by step."""
+    """ctxvec: raw words -> context vectors, with a Transformer encoder built step by step.
+
+    Errors are one line on stderr with a non-zero exit code (2 for a wrong command line).
+    """
 
 
 def model_options(command):
@@ -37,7 +92,8 @@ def model_options(command):
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads for PyTorch (default: PyTorch's choice)."),
         click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
-                     show_default=True, help="Padded tokens per forward pass (results do not depend on it)."),
+                     show_default=True, help="Padded tokens per forward pass (a memory cap; the vectors move by "
+                                                "at most 1e-6 in fp32 with it, see the README)."),
     ]
     for option in reversed(options):
         command = option(command)
@@ -45,9 +101,12 @@ def model_options(command):
 
 
 def _load(model: str, precision: str, threads: int | None):
-    from ctxvec.models import load
+    from ctxvec.models import KNOWN_MODELS, load
 
     set_threads(threads)
+    if model in KNOWN_MODELS and Path(model).is_dir():
+        click.echo(f"note: loading the built-in model {model!r}; for the folder of that name, "
+                   f"give --model ./{model}", err=True)
     return load(model, precision=precision)
 
 
@@ -72,11 +131,8 @@ def encode(texts: tuple[str, ...], model: str, precision: str, threads: int | No
     if output is not None and output.suffix == ".npy" and len(texts) > 1:
         raise click.BadParameter(".npy holds one text's vectors; use .npz or .json for several",
                                  param_hint="--output")
-    try:
-        pipeline = _load(model, precision, threads)
-        results = pipeline.encode(list(texts), strict=strict, batch_tokens=batch_tokens)
-    except ValueError as err:
-        raise click.ClickException(str(err)) from None
+    pipeline = _load(model, precision, threads)
+    results = pipeline.encode(list(texts), strict=strict, batch_tokens=batch_tokens)
     click.echo(f"model {pipeline.name}: {pipeline.description}")
     for i, result in enumerate(results):
         note = (f", TRUNCATED to {len(result.tokens)} of {result.n_tokens_full} tokens"
@@ -95,17 +151,21 @@ def encode(texts: tuple[str, ...], model: str, precision: str, threads: int | No
 
 
 def _write_vectors(path: Path, results: list, model: str) -> None:
+    """The vectors as .npy, .npz or .json, written atomically (complete, or not at all)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    if path.suffix == ".npy":
-        np.save(path, results[0].vectors)
-    elif path.suffix == ".npz":
-        np.savez(path, **{f"text_{i}": r.vectors for i, r in enumerate(results)})
-    else:
+    if path.suffix == ".json":
         payload = {"model": model, "texts": [
             {"text": r.text, "tokens": r.tokens, "ids": r.ids, "special": r.special,
              "truncated": r.truncated, "n_tokens_full": r.n_tokens_full,
              "vectors": r.vectors.tolist()} for r in results]}
-        path.write_text(json.dumps(payload) + "\n", encoding="utf-8")
+        atomic_write_text(path, json.dumps(payload) + "\n")
+        return
+    buffer = io.BytesIO()  # serialised in memory: the file itself is written by one checked write
+    if path.suffix == ".npy":
+        np.save(buffer, results[0].vectors)
+    else:
+        np.savez(buffer, **{f"text_{i}": r.vectors for i, r in enumerate(results)})
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 @main.command()
@@ -124,40 +184,50 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
           fmt: str, strict: bool, resume: bool, chunk_size: int) -> None:
     """Embed FILE, one text per line, into sentence vectors written in input order.
 
-    The file is streamed in chunks (memory stays flat for any size). Vectors go to a partial
-    file beside OUTPUT as they are made, which is renamed into place only when complete. If
-    the run is stopped (Ctrl-C, a kill, a crash), run the same command with --resume: the
-    result is identical to an uninterrupted run.
+    FILE may be - (standard input) or a pipe. The input is streamed in chunks (memory stays
+    flat for any size). Vectors go to a partial file beside OUTPUT as they are made, which is
+    renamed into place only when complete. If the run is stopped (Ctrl-C, a kill, a crash, a
+    full disk), run the same command on the same input with --resume: the result is identical
+    to an uninterrupted run.
     """
     from ctxvec.embedfile import EmbedInterrupted, embed_file
-    from ctxvec.textfile import check_readable, count_lines
-    from ctxvec.tokenizer import TruncationError
+    from ctxvec.textfile import STDIN
+    from ctxvec.tokenizer import StrictError
 
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
+    name = "standard input" if str(file) == STDIN else str(file)
+    pipeline = _load(model, precision, threads)
+    bar = tqdm(unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
     try:
-        check_readable(file)
-        pipeline = _load(model, precision, threads)
-        bar = tqdm(total=count_lines(file), unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True)
         with bar, _signals_as_interrupt():
             result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
-                                strict=strict, resume=resume, chunk_size=chunk_size, on_progress=bar.update)
+                                strict=strict, resume=resume, chunk_size=chunk_size, on_progress=progress)
     except EmbedInterrupted as err:
         click.echo(f"Error: {err}", err=True)
         raise SystemExit(130) from None
-    except TruncationError as err:
-        raise click.ClickException(f"{file}, line {err.index + 1}: {err.n_tokens} tokens, more than the "
-                                   f"model's limit of {err.max_len} (--strict).") from None
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
+    except StrictError as err:
+        raise click.ClickException(f"{name}, line {err.index + 1}: {err.problem} (--strict).") from None
     done = result.n_texts
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     click.echo(f"embedded {done} texts with {pipeline.name} ({precision}) -> {output} "
                f"({done} x {pipeline.dim}, float32{resumed})")
-    truncated = result.truncated_lines
-    if truncated:
-        lines = ", ".join(str(n) for n in truncated[:10]) + (" ..." if len(truncated) > 10 else "")
-        click.echo(f"{len(truncated)} text(s) were truncated to {pipeline.max_len} tokens: line(s) {lines}")
+    if done == 0:
+        click.echo(f"warning: {name} holds 0 texts; {output} holds an empty 0 x {pipeline.dim} array.", err=True)
+    _report_lines(result.truncated_lines, f"were truncated to {pipeline.max_len} tokens")
+    _report_lines(result.blank_lines, "had no tokens (empty, or only whitespace or control characters) and "
+                                      "got the vector of an empty text; --strict refuses them")
+
+
+def _report_lines(lines: list[int], what: str) -> None:
+    if lines:
+        listed = ", ".join(str(n) for n in lines[:10]) + (" ..." if len(lines) > 10 else "")
+        click.echo(f"warning: {len(lines)} text(s) {what}: line(s) {listed}", err=True)
 
 
 @contextlib.contextmanager
@@ -204,7 +274,7 @@ def train_tokenizer(corpus: tuple[Path, ...], output: Path, vocab_size: int, min
                                 lowercase=not cased)
     if output.suffix != ".json":
         output.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(output)
+    tokenizer.save(output)  # the same corpus and options give the same file, byte for byte
     click.echo(f"trained a WordPiece vocabulary of {tokenizer.vocab_size} tokens -> {output}")
 
 
@@ -225,6 +295,9 @@ def training_options(command):
         click.option("--eval-every", type=click.IntRange(min=1), help="Steps between held-out evaluations."),
         click.option("--save-every", type=click.IntRange(min=1), help="Steps between checkpoints."),
         click.option("--seed", type=int, help="Seed of the data order, masks, initial weights, dropout."),
+        click.option("--vocab-size", type=click.IntRange(min=16),
+                     help="Vocabulary of the tokenizer trained here when there is none (WordPiece for masked-LM, "
+                          "default 8000; a joint BPE for translation, default 10000)."),
         click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per process."),
         click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint."),
         click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
@@ -255,17 +328,30 @@ def _relaunch_under_torchrun(nproc: int) -> None:
     raise SystemExit(subprocess.call(command))
 
 
-def _run_training(make_trainer, threads: int | None) -> dict:
+def _run_training(make_trainer, run: Path, threads: int | None) -> None:
+    """Build the trainer and train, with the run folder locked against a second job (process 0
+    holds the lock; the others follow it)."""
+    from ctxvec.checkpoint import exclusive_lock
+
     set_threads(threads)
-    try:
+    main_process = int(os.environ.get("RANK", "0")) == 0
+    if main_process:
+        run.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run, "--out") if main_process else contextlib.nullcontext():
         trainer = make_trainer()
+        if trainer.d.main:
+            for note in trainer.notes:
+                click.echo(note, err=True)
+        start = trainer.step
         result = trainer.run()
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    if trainer.d.main:
-        summary = ", ".join(f"{k.replace('eval_', 'held-out ')} {v:.4g}" for k, v in result.items() if k != "step")
-        click.echo(f"trained to step {trainer.step}: {summary}; model in {trainer.run_dir}/")
-    return result
+    if not trainer.d.main:
+        return
+    if trainer.step == start:
+        click.echo(f"the run in {trainer.run_dir}/ is already at step {trainer.step} (--steps "
+                   f"{trainer.cfg.steps}); nothing was done. Raise --steps to train further.")
+        return
+    summary = ", ".join(f"{k.replace('eval_', 'held-out ')} {v:.4g}" for k, v in result.items() if k != "step")
+    click.echo(f"trained to step {trainer.step}: {summary}; model in {trainer.run_dir}/")
 
 
 @main.command()
@@ -283,7 +369,7 @@ def train(corpus, preset, run, tokenizer, threads, resume, nproc, **options) -> 
         return Trainer(list(corpus), run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
                        resume=resume)
 
-    _run_training(make, threads)
+    _run_training(make, run, threads)
 
 
 @main.command("train-translation")
@@ -293,17 +379,19 @@ def train(corpus, preset, run, tokenizer, threads, resume, nproc, **options) -> 
 @training_options
 @click.option("--source-column", help="Header name of the source column (default: the second-to-last).")
 @click.option("--target-column", help="Header name of the target column (default: the last).")
-@click.option("--valid-groups", help="Comma-separated groups (Bible books) held out for validation.")
+@click.option("--valid-groups", help="Comma-separated groups held out for validation: Bible books of a "
+                                     "\"ref\" column, or ranges of lines (\"lines 2-101\").")
 @click.option("--test-groups", help="Comma-separated groups held out for the test (never trained or tuned on).")
 @click.option("--label-smoothing", type=click.FloatRange(0, 1, max_open=True), help="Default 0.1.")
 @click.option("--eval-sentences", type=click.IntRange(min=0), help="Held-out sentences translated for BLEU/chrF.")
-@click.option("--vocab-size", type=click.IntRange(min=16), help="Joint BPE vocabulary when trained here.")
 def train_translation(pairs, preset, run, tokenizer, threads, resume, nproc, valid_groups, test_groups,
                       **options) -> None:
     """Train a Transformer translator on PAIRS, a TSV file with a header (source and target columns).
 
-    Held out: whole groups (the books of a Bible-style "ref" column, else blocks of 100 lines);
-    on ../shared/data/bible_es_en.tsv the defaults are fixed books (see `ctxvec.translation`).
+    Held out: about 3% each for validation and test, in whole groups (the books of a
+    Bible-style "ref" column, else blocks of consecutive lines); on
+    ../shared/data/bible_es_en.tsv the defaults are fixed books (see `ctxvec.translation`).
+    Rows with an empty cell are skipped; the run says what it trains on and holds out.
     """
     _relaunch_under_torchrun(nproc)
     from ctxvec.translation import TranslationConfig, TranslationTrainer
@@ -317,7 +405,7 @@ def train_translation(pairs, preset, run, tokenizer, threads, resume, nproc, val
         return TranslationTrainer(pairs, run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
                                   resume=resume)
 
-    _run_training(make, threads)
+    _run_training(make, run, threads)
 
 
 @main.command()
@@ -342,20 +430,15 @@ def translate(texts, model, file, output, beam, alpha, threads) -> None:
     if bool(texts) == bool(file):
         raise click.UsageError("give TEXTS or --file (one of them).")
     set_threads(threads)
-    try:
-        translator = load_translator(model)
-        if file is not None:
-            check_readable(file)
-            texts = list(iter_texts(file, "text"))
-        results = translator.translate(list(texts), beam_size=beam, alpha=alpha)
-        if output is not None:
-            from ctxvec.checkpoint import atomic_write_text
-
-            atomic_write_text(output, "".join(r + "\n" for r in results))
-            click.echo(f"translated {len(results)} lines -> {output}")
-            return
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
+    translator = load_translator(model)
+    if file is not None:
+        check_readable(file)
+        texts = list(iter_texts(file, "text"))
+    results = translator.translate(list(texts), beam_size=beam, alpha=alpha)
+    if output is not None:
+        atomic_write_text(output, "".join(r + "\n" for r in results))
+        click.echo(f"translated {len(results)} lines -> {output}")
+        return
     for text, result in zip(texts, results):
         click.echo(result if file is not None else f"{text}\n  -> {result}")
 
@@ -368,15 +451,12 @@ def plot(run: Path, output: Path | None) -> None:
     """Draw a run's training and held-out loss curves to a PNG."""
     from ctxvec.plotting import plot_run
 
-    try:
-        path = plot_run(run, output)
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
+    path = plot_run(run, output)
     click.echo(f"wrote {path}")
 
 
 @main.command()
-@click.argument("text")
+@click.argument("texts", nargs=-1, required=True)
 @click.option("--model", "-m", default="minilm", show_default=True,
               help="Model name (see `ctxvec models`) or model folder.")
 @click.option("--output", "-o", default=Path("explain.html"), show_default=True,
@@ -384,29 +464,45 @@ def plot(run: Path, output: Path | None) -> None:
 @click.option("--png", "png_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the figures as PNG files into this folder.")
 @click.option("--max-tokens", type=click.IntRange(min=3), default=64, show_default=True,
-              help="Show at most this many tokens (special tokens included); the page notes a cut.")
+              help="Trace at most this many tokens (special tokens included); the page notes a cut.")
 @click.option("--padding", type=click.IntRange(min=0), default=2, show_default=True,
-              help="[PAD] tokens appended to show padding and the attention mask.")
+              help="[PAD] tokens appended to show padding and the attention mask (at most what "
+                   "the model's positions leave room for).")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="CPU threads for PyTorch (default: PyTorch's choice).")
-def explain(text: str, model: str, output: Path, png_dir: Path | None, max_tokens: int, padding: int,
-            threads: int | None) -> None:
-    """Write a page that shows every step of the encoder for TEXT, with the model's real tensors.
+def explain(texts: tuple[str, ...], model: str, output: Path, png_dir: Path | None, max_tokens: int,
+            padding: int, threads: int | None) -> None:
+    """Write a page that shows every step of the encoder for the first of TEXTS, with the model's
+    real tensors, up to its sentence vector; every text gets its sentence vector, and two or more
+    their cosine similarities.
 
-    Example: ctxvec explain "my name is aj" -o explain.html
+    Example: ctxvec explain "my name is aj" "what is your name" -o explain.html
     """
     from ctxvec.explain import explain as explain_page, write_pngs
 
-    try:
-        pipeline = _load(model, "fp32", threads)
-        result = explain_page(pipeline, text, output, max_tokens=max_tokens, padding=padding)
-        pngs = write_pngs(result, png_dir) if png_dir is not None else []
-    except (ValueError, OSError) as err:
-        raise click.ClickException(str(err)) from None
-    note = (f", cut to {result.n_real} of {result.n_tokens_full} tokens (--max-tokens)"
-            if result.truncated else "")
-    click.echo(f"wrote {output}: {result.n_real} tokens{note} through {pipeline.name} "
-               f"({len(result.layers)} layers, trace within {result.max_error:.1e} of the model)")
+    pipeline = _load(model, "fp32", threads)
+    result = explain_page(pipeline, texts, output, max_tokens=max_tokens, padding=padding)
+    pngs = write_pngs(result, png_dir) if png_dir is not None else []
+    notes = []
+    if result.truncated:  # say which limit cut the text: the user's or the model's own
+        limit = (f"--max-tokens {max_tokens}" if result.cut_by == "max_tokens"
+                 else f"the model's limit of {result.model_max_len} tokens")
+        notes.append(f"cut to {result.n_real} of {result.n_tokens_full} tokens by {limit}")
+    padded = len(result.tokens) - result.n_real
+    if padded < padding:
+        notes.append(f"--padding {padding} capped at {padded} (the model has {result.config.max_len} "
+                     f"positions, the text takes {result.n_real})")
+    click.echo(f"wrote {output}: {result.n_real} tokens through {pipeline.name} ({len(result.layers)} "
+               f"layers, trace within {result.max_error:.1e} of the model)" + "".join(f"; {n}" for n in notes))
+    pooled = result.pooling
+    how = f"{pooled.mode} pooling" + (" + L2 normalisation" if pooled.normalize else "")
+    if len(texts) == 2:
+        a, b = pooled.vectors
+        how += f"; cosine of the two texts {float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))):.4f}"
+    elif len(texts) > 2:
+        how += "; their cosine similarities are on the page"
+    click.echo(f"sentence vector{'s' if len(texts) > 1 else ''} of {len(texts)} "
+               f"text{'s' if len(texts) > 1 else ''}: {how}")
     if pngs:
         click.echo(f"wrote {len(pngs)} PNG figures to {png_dir}")
 

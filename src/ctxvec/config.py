@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -56,22 +57,23 @@ class EncoderConfig:
 
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
             value = getattr(self, name)
-            need(
-                isinstance(value, int) and not isinstance(value, bool) and value > 0,
-                f"{name} must be a positive integer, got {value!r}.",
-            )
+            need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
         need(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) so that "
             "every head gets the same width.",
         )
         need(
-            isinstance(self.pad_id, int) and 0 <= self.pad_id < self.vocab_size,
+            is_int(self.pad_id) and 0 <= self.pad_id < self.vocab_size,
             f"pad_id ({self.pad_id!r}) must be a token id in [0, vocab_size={self.vocab_size}).",
         )
         need(
-            isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0,
-            f"dropout must be in [0, 1), got {self.dropout!r}.",
+            is_real(self.dropout) and 0.0 <= self.dropout < 1.0,
+            f"dropout must be a number in [0, 1), got {self.dropout!r}.",
+        )
+        need(
+            is_real(self.layer_norm_eps) and 0 < self.layer_norm_eps < 1,
+            f"layer_norm_eps must be a small positive number (0 < eps < 1), got {self.layer_norm_eps!r}.",
         )
         need(
             self.activation in ACTIVATIONS,
@@ -81,12 +83,15 @@ class EncoderConfig:
             self.position in POSITIONS,
             f"position must be one of {POSITIONS}, got {self.position!r}.",
         )
+        for name in ("norm_first", "scale_embeddings", "embedding_norm"):
+            value = getattr(self, name)
+            need(isinstance(value, bool), f"{name} must be true or false, got {value!r}.")
         need(
-            isinstance(self.layer_norm_eps, (int, float)) and self.layer_norm_eps > 0,
-            f"layer_norm_eps must be positive, got {self.layer_norm_eps!r}.",
+            self.final_norm is None or isinstance(self.final_norm, bool),
+            f"final_norm must be true, false or null (null: exactly when norm_first), got {self.final_norm!r}.",
         )
         need(
-            isinstance(self.type_vocab_size, int) and self.type_vocab_size >= 0,
+            is_int(self.type_vocab_size) and self.type_vocab_size >= 0,
             f"type_vocab_size must be a non-negative integer, got {self.type_vocab_size!r}.",
         )
 
@@ -112,7 +117,9 @@ class EncoderConfig:
         return cls(**values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+        from ctxvec.checkpoint import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> EncoderConfig:
@@ -124,3 +131,13 @@ def refuse_unknown_fields(cls: type, values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"Invalid {cls.__name__}: unknown field(s) {', '.join(unknown)}.")
+
+
+def is_int(value: Any) -> bool:
+    """An integer, and not a bool (``True`` is an ``int`` to Python, never a size to a user)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    """A finite int or float, and not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -4,9 +4,15 @@
   ``Encoder.forward`` makes, in its order) and records every intermediate tensor in a ``Trace``.
   It then checks the result against the model's normal forward (within 1e-5), so the page can
   never show numbers the model does not produce.
+- The trace ends where ``Pipeline.embed`` ends: the pipeline's own ``Pooling`` turns the context
+  vectors into the sentence vector, and any further texts get theirs from ``Pipeline.embed``,
+  with their cosine similarities (``PoolingTrace``).
 - ``render_html(trace)`` returns one self-contained HTML page (``explain_page``): inline CSS and JS, the
-  numbers embedded as JSON, pictures drawn on <canvas>; no network request, no CDN.
+  numbers embedded as JSON, pictures drawn on <canvas>; no network request, no CDN. Past a budget
+  the heavy views are thinned (``plan_thinning``) so that a page stays under ~10 MB at any length.
 - ``write_pngs(trace, folder)`` draws the main figures as PNG files with matplotlib.
+
+Every file is written atomically (``checkpoint.atomic_write``): a failed write leaves no half file.
 
 The text is run alone (a batch of one), padded with a few [PAD] tokens so that the page can
 show what padding and the attention mask do; padding never changes the real tokens' vectors.
@@ -18,6 +24,7 @@ H heads, Dh head width, F d_ff, L layers.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,15 +33,27 @@ import numpy as np
 import torch
 
 from ctxvec.attention import attention
+from ctxvec.checkpoint import atomic_write
 from ctxvec.config import EncoderConfig
 from ctxvec.embedding import one_hot
 from ctxvec.encoder import Encoder, key_mask_from
 from ctxvec.layer import EncoderLayer, FeedForward
 from ctxvec.pipeline import Pipeline
+from ctxvec.pooling import Pooling
 
 DEFAULT_MAX_TOKENS = 64  # the page stays readable (and its data small) up to about this many
 DEFAULT_PADDING = 2  # [PAD] tokens appended to show padding and the attention mask
-TOLERANCE = 1e-5  # largest allowed difference between the trace and Encoder.forward
+TOLERANCE = 1e-5  # largest allowed difference between the trace and the model (relative above 1)
+
+# Numbers on the page, per view, up to which it is sent whole. The heavy views grow with
+# tokens² x heads x layers (attention) and tokens x d_ff x layers (FFN units); the bundled
+# models' default 64 tokens fit whole. Past a budget a view is thinned, and the page says how.
+# With the rounding of DECIMALS, a page stays under ~10 MB at any length.
+BUDGET = {"attention": 850_000, "ffn": 200_000, "wide": 60_000, "similarity": 40_000}
+# decimals kept per view: what the page shows; the sentence vectors keep enough for a reader to
+# check them against Pipeline.embed (1e-5)
+DECIMALS = {"probabilities": 4, "scores": 2, "ffn": 2, "wide": 3, "positions": 5, "stats": 4,
+            "vector": 6}
 
 
 @dataclass
@@ -65,6 +84,27 @@ class LayerTrace:
 
 
 @dataclass
+class PoolingTrace:
+    """Step 9: the context vectors pooled into one sentence vector, as ``Pipeline.embed`` does.
+
+    ``pooled`` and ``vector`` come from the traced tokens through the pipeline's own ``Pooling``;
+    ``vectors`` are ``Pipeline.embed(texts)`` itself (what ``ctxvec embed`` writes), the traced
+    text first. When the trace saw the same tokens as ``embed`` (no --max-tokens cut),
+    ``vector`` equals ``vectors[0]`` within the tolerance and ``embed_error`` says by how much.
+    """
+
+    mode: str  # the pipeline's Pooling: "mean", "cls" or "max"
+    normalize: bool  # whether it scales the sentence vector to unit L2 norm
+    pooled: torch.Tensor  # (D,) the traced text's real tokens pooled, before any normalisation
+    vector: torch.Tensor  # (D,) its sentence vector
+    texts: list[str]  # the traced text, then the others
+    vectors: np.ndarray  # (m, D) Pipeline.embed(texts)
+    n_tokens: list[int]  # tokens embed read per text (special tokens included)
+    truncated: list[bool]  # whether embed cut the text at the model's limit
+    embed_error: float | None  # max |vector - vectors[0]|; None when --max-tokens cut the trace
+
+
+@dataclass
 class Trace:
     """Every step of one text through the encoder, with the facts the page needs."""
 
@@ -79,8 +119,10 @@ class Trace:
     n_real: int
     n_tokens_full: int  # tokens in the whole text (special tokens included)
     truncated: bool  # cut to max_tokens (or to the model's limit)
+    cut_by: str | None  # which limit cut the text: "max_tokens", "model" or None (not cut)
     max_tokens: int
     model_max_len: int
+    padding_requested: int  # [PAD] tokens asked for; len(tokens) - n_real were appended
     one_hot: torch.Tensor  # (1, T, V)
     lookup_error: float  # max |one_hot @ E - E[ids]|
     token_embedding: torch.Tensor  # (1, T, D), scaled by √D when the config says so
@@ -90,28 +132,32 @@ class Trace:
     embeddings: torch.Tensor  # (1, T, D) the first layer's input (after LayerNorm, BERT)
     layers: list[LayerTrace]
     final: torch.Tensor  # (1, T, D) the context vectors
-    max_error: float  # largest difference from Encoder.forward (real tokens)
+    pooling: PoolingTrace
+    max_error: float  # largest difference from the model (relative to the values' size above 1)
 
 
 def trace(pipeline: Pipeline, text: str, max_tokens: int = DEFAULT_MAX_TOKENS,
-          padding: int = DEFAULT_PADDING) -> Trace:
+          padding: int = DEFAULT_PADDING, others: Sequence[str] = ()) -> Trace:
     """Run ``text`` through ``pipeline``'s encoder step by step and record every tensor.
 
     Args:
         pipeline: a loaded model (``ctxvec.load(...)``), in fp32.
-        text: one text.
+        text: the text to trace.
         max_tokens: keep at most this many tokens (special tokens included); a longer text is
             cut and the page says so.
-        padding: how many [PAD] tokens to append (0 for none), to show the attention mask.
+        padding: how many [PAD] tokens to append (0 for none), to show the attention mask; at
+            most as many as the model's position table has room for.
+        others: more texts, for their sentence vectors and cosine similarities (step 9).
 
     Raises:
         ValueError: bad arguments, or a model not in fp32.
-        RuntimeError: the trace differs from ``Encoder.forward`` by more than 1e-5 (a bug).
+        RuntimeError: the trace differs from the model by more than 1e-5 (a bug).
     """
     encoder, tokenizer = pipeline.encoder, pipeline.tokenizer
     config = encoder.config
-    if not isinstance(text, str):
-        raise TypeError(f"text must be a str, got {type(text).__name__}.")
+    for item in [text, *others]:
+        if not isinstance(item, str):
+            raise TypeError(f"texts must be str, got {type(item).__name__}.")
     if next(encoder.parameters()).dtype != torch.float32:
         raise ValueError("explain shows the fp32 model; load it with precision='fp32'.")
     if not isinstance(max_tokens, int) or max_tokens <= tokenizer.n_special:
@@ -121,24 +167,29 @@ def trace(pipeline: Pipeline, text: str, max_tokens: int = DEFAULT_MAX_TOKENS,
         raise ValueError(f"padding must be a non-negative integer, got {padding!r}.")
     encoded = tokenizer.tokenize([text], max_len=min(max_tokens, tokenizer.max_len))[0]
     n = len(encoded.ids)
-    padding = min(padding, config.max_len - n)
-    batch = tokenizer.pad([encoded], length=n + padding)
+    applied = min(padding, config.max_len - n)  # the position table ends there
+    batch = tokenizer.pad([encoded], length=n + applied)
     device = next(encoder.parameters()).device
     ids, mask = batch.input_ids.to(device), batch.attention_mask.to(device)  # (1, T), (1, T)
-    kinds = ["special" if s else "word" for s in encoded.special_tokens_mask] + ["pad"] * padding
+    kinds = ["special" if s else "word" for s in encoded.special_tokens_mask] + ["pad"] * applied
+    # the smaller limit cut the text; at a tie the model's (it could not have read more anyway)
+    cut_by = None if not encoded.truncated else "max_tokens" if max_tokens < tokenizer.max_len else "model"
 
     was_training = encoder.training
     encoder.eval()  # dropout off: the page shows inference
     try:
         with torch.inference_mode():
             steps = _run_steps(encoder, ids, mask)
-            max_error = _check_against_model(encoder, ids, mask, steps)
+            pooling = _pool(pipeline, steps["final"], mask, [text, *others],
+                            same_tokens=cut_by != "max_tokens")
+            max_error = _check_against_model(encoder, ids, mask, steps, pooling)
     finally:
         encoder.train(was_training)
     return Trace(text=text, model=pipeline.name, description=pipeline.description, config=config,
-                 tokens=encoded.tokens + [tokenizer.pad_token] * padding, kinds=kinds,
+                 tokens=encoded.tokens + [tokenizer.pad_token] * applied, kinds=kinds,
                  input_ids=ids, attention_mask=mask, n_real=n, n_tokens_full=encoded.n_tokens_full,
-                 truncated=encoded.truncated, max_tokens=max_tokens, model_max_len=tokenizer.max_len,
+                 truncated=encoded.truncated, cut_by=cut_by, max_tokens=max_tokens,
+                 model_max_len=tokenizer.max_len, padding_requested=padding, pooling=pooling,
                  max_error=max_error, **steps)
 
 
@@ -212,21 +263,43 @@ def _feed_forward(ffn: FeedForward, x: torch.Tensor) -> tuple[torch.Tensor, torc
     return pre, hidden, ffn.down(hidden)
 
 
+def _pool(pipeline: Pipeline, final: torch.Tensor, mask: torch.Tensor, texts: list[str],
+          same_tokens: bool) -> PoolingTrace:
+    """Step 9 with the pipeline's own ``Pooling``; every text's vector from ``Pipeline.embed``."""
+    pooling = pipeline.pooling
+    # the same class with normalisation off shows the vector before the L2 step
+    pooled = Pooling(pooling.mode, normalize=False)(final, mask)[0].cpu()  # (D,)
+    vector = pooling(final, mask)[0].cpu()  # (D,) exactly what embed computes from these tokens
+    details = pipeline.embed_with_details(texts)
+    error = float(np.abs(vector.numpy() - details.vectors[0]).max()) if same_tokens else None
+    return PoolingTrace(mode=pooling.mode, normalize=pooling.normalize, pooled=pooled, vector=vector,
+                        texts=list(texts), vectors=details.vectors, n_tokens=details.n_tokens.tolist(),
+                        truncated=details.truncated.tolist(), embed_error=error)
+
+
+def _difference(ours: torch.Tensor, model: torch.Tensor) -> float:
+    """max |ours - model|, relative to the values' size above 1: float32 rounding grows with it
+    (MiniLM's hidden states reach ~10, where two correct routes differ by ~1e-5)."""
+    return float((ours - model).abs().max()) / max(1.0, float(model.abs().max()))
+
+
 def _check_against_model(encoder: Encoder, ids: torch.Tensor, mask: torch.Tensor,
-                         steps: dict[str, Any]) -> float:
-    """Largest difference between the trace and ``Encoder.forward`` on the real tokens."""
+                         steps: dict[str, Any], pooling: PoolingTrace) -> float:
+    """Largest difference between the trace and ``Encoder.forward`` (and ``Pipeline.embed``)."""
     real = mask[0].bool()
     full = encoder(ids, mask, output_hidden_states=True, output_attentions=True)
     fused = encoder(ids, mask).last_hidden_state  # the normal path (fused attention)
     layers = steps["layers"]
     ours = [steps["embeddings"]] + [t.output for t in layers[:-1]] + [steps["final"]]
-    errors = [(ours[i][0, real] - h[0, real]).abs().max() for i, h in enumerate(full.hidden_states)]
-    errors += [(t.probabilities[0][:, real] - a[0][:, real]).abs().max()
+    errors = [_difference(ours[i][0, real], h[0, real]) for i, h in enumerate(full.hidden_states)]
+    errors += [_difference(t.probabilities[0][:, real], a[0][:, real])
                for t, a in zip(layers, full.attentions)]
-    errors.append((steps["final"][0, real] - fused[0, real]).abs().max())
-    worst = float(max(errors))
+    errors.append(_difference(steps["final"][0, real], fused[0, real]))
+    if pooling.embed_error is not None:
+        errors.append(pooling.embed_error / max(1.0, float(np.abs(pooling.vectors[0]).max())))
+    worst = max(errors)
     if not worst <= TOLERANCE:
-        raise RuntimeError(f"the step-by-step trace differs from Encoder.forward by {worst:.3g} "
+        raise RuntimeError(f"the step-by-step trace differs from the model by {worst:.3g} "
                            f"(more than {TOLERANCE}); the explanation would not match the model.")
     return worst
 
@@ -250,7 +323,8 @@ def _with_nulls(a: np.ndarray) -> Any:
 def _stats(t: torch.Tensor, n: int) -> dict[str, Any]:
     """Per-token mean and standard deviation over d_model (the statistics LayerNorm fixes)."""
     x = t[0, :n]  # (n, D)
-    return {"mean": _nums(x.mean(-1), 4), "std": _nums(x.std(-1, unbiased=False), 4)}
+    return {"mean": _nums(x.mean(-1), DECIMALS["stats"]),
+            "std": _nums(x.std(-1, unbiased=False), DECIMALS["stats"])}
 
 
 def describe_architecture(config: EncoderConfig) -> dict[str, str]:
@@ -277,48 +351,165 @@ def describe_architecture(config: EncoderConfig) -> dict[str, str]:
     }
 
 
-def page_data(t: Trace) -> dict[str, Any]:
-    """Everything the page draws, as JSON-ready lists (attention rows for real queries only)."""
-    n, c = t.n_real, t.config
-    final = t.final[0, :n]  # (n, D)
-    unit = torch.nn.functional.normalize(final, dim=-1)
+# ---- thinning: a page stays small at any length -----------------------------------------
+
+@dataclass(frozen=True)
+class Thinning:
+    """How much each heavy view is thinned (1 everywhere: nothing is)."""
+
+    group: int  # attention maps: tokens pooled in runs of this many
+    ffn_step: int  # FFN hidden units: every ffn_step-th unit
+    dim_step: int  # the (tokens x d_model) maps: every dim_step-th dimension
+    similarity_group: int  # step 8's token x token cosines: tokens pooled in runs of this many
+
+    @property
+    def any(self) -> bool:
+        return max(self.group, self.ffn_step, self.dim_step, self.similarity_group) > 1
+
+
+def _runs(n: int, T: int, k: int) -> list[range]:
+    """Positions 0..T-1 in runs of ``k``; real tokens (the first n) and padding never share one."""
+    return ([range(a, min(a + k, n)) for a in range(0, n, k)]
+            + [range(a, min(a + k, T)) for a in range(n, T, k)])
+
+
+def plan_thinning(n: int, T: int, config: EncoderConfig) -> Thinning:
+    """The least thinning that keeps every view within ``BUDGET`` (n real tokens of T)."""
+    maps = 2 * config.n_layers * config.n_heads  # scores and probabilities of every head
+    group = 1
+    while maps * math.ceil(n / group) * len(_runs(n, T, group)) > BUDGET["attention"]:
+        group += 1
+    similarity_group = 1
+    while math.ceil(n / similarity_group) ** 2 > BUDGET["similarity"]:
+        similarity_group += 1
+    return Thinning(group=group,
+                    ffn_step=math.ceil(n * config.d_ff * config.n_layers / BUDGET["ffn"]),
+                    dim_step=math.ceil(T * config.d_model / BUDGET["wide"]),
+                    similarity_group=similarity_group)
+
+
+def _run_matrix(runs: list[range], width: int, mean: bool) -> torch.Tensor:
+    """(len(runs), width): row r adds up (or averages) the positions of run r."""
+    m = torch.zeros(len(runs), width)
+    for r, run in enumerate(runs):
+        m[r, run.start:run.stop] = 1 / len(run) if mean else 1
+    return m
+
+
+def _pool_attention(scores: torch.Tensor, probs: torch.Tensor, n: int, k: int
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(H, n, T) scores and probabilities -> (H, G, G') over runs of k tokens (``_runs``).
+
+    A cell of the probabilities is the share of attention the run of queries gives the run of
+    keys (mean over queries, sum over keys: every row still sums to 1); of the scores, their
+    mean. Padding runs keep -inf scores and 0 probabilities, as padding keys have.
+    """
+    if k == 1:
+        return scores, probs
+    T = probs.shape[-1]
+    runs = _runs(n, T, k)
+    real_runs = math.ceil(n / k)
+    queries = _run_matrix(runs[:real_runs], n, mean=True)  # (G, n)
+    probs = queries @ probs @ _run_matrix(runs, T, mean=False).T  # (H, G, G')
+    real = queries @ scores[..., :n] @ _run_matrix(runs[:real_runs], n, mean=True).T  # (H, G, G)
+    masked = torch.full((*real.shape[:-1], len(runs) - real_runs), float("-inf"))
+    return torch.cat([real, masked], dim=-1), probs
+
+
+def _run_labels(tokens: list[str], runs: list[range]) -> list[str]:
+    return [tokens[r.start] if len(r) == 1 else f"{r.start}-{r.stop - 1}" for r in runs]
+
+
+# ---- the page's data --------------------------------------------------------------------
+
+def _layer_data(layer: LayerTrace, n: int, thin: Thinning) -> dict[str, Any]:
+    """One layer's views for steps 5-7 (attention rows for real queries only)."""
+    scores, probs = _pool_attention(layer.scores[0, :, :n].cpu(), layer.probabilities[0, :, :n].cpu(),
+                                    n, thin.group)  # (H, G, G')
+    pre = layer.ffn_pre_activation[0, :n]  # (n, F)
+    counts, edges = np.histogram(pre.cpu().numpy(), bins=40)
+    return {
+        "scores": _nums(scores, DECIMALS["scores"]),
+        "attention": _nums(probs, DECIMALS["probabilities"]),
+        "norm1": {"before": _stats(layer.norm1_input, n), "after": _stats(layer.norm1_output, n)},
+        "norm2": {"before": _stats(layer.norm2_input, n), "after": _stats(layer.norm2_output, n)},
+        "ffn_hidden": _nums(layer.ffn_hidden[0, :n, ::thin.ffn_step], DECIMALS["ffn"]),
+        # the share of active units and the histogram count every unit, thinned or not
+        "ffn_active": _nums((pre > 0).float().mean(-1), 4),
+        "ffn_histogram": {"counts": counts.tolist(), "edges": _nums(edges, 3)},
+    }
+
+
+def _pooling_data(p: PoolingTrace, final: torch.Tensor) -> dict[str, Any]:
+    """Step 9: how the pooling weighs each real token, the vectors, the texts' cosines."""
+    n = final.shape[0]  # final: (n, D), the real tokens' context vectors
+    if p.mode == "mean":
+        weights = torch.full((n,), 1 / n)
+    elif p.mode == "cls":
+        weights = torch.zeros(n)
+        weights[0] = 1.0
+    else:  # max: the share of dimensions whose maximum each token holds
+        weights = torch.bincount(final.argmax(0).cpu(), minlength=n).float() / final.shape[1]
+    unit = torch.nn.functional.normalize(torch.from_numpy(p.vectors), dim=-1)
+    return {
+        "mode": p.mode, "normalize": p.normalize, "weights": _nums(weights, 4),
+        "pooled": _nums(p.pooled, DECIMALS["vector"]), "pooled_norm": float(p.pooled.norm()),
+        "vector": _nums(p.vector, DECIMALS["vector"]), "embed_error": p.embed_error,
+        "texts": p.texts, "vectors": _nums(p.vectors, DECIMALS["vector"]),
+        "n_tokens": p.n_tokens, "truncated": p.truncated,
+        "similarity": _nums(unit @ unit.T, 4),  # (m, m) cosine
+    }
+
+
+def token_similarity(t: Trace) -> torch.Tensor:
+    """(n, n) cosine similarity of the real tokens' context vectors."""
+    unit = torch.nn.functional.normalize(t.final[0, :t.n_real].cpu(), dim=-1)
+    return unit @ unit.T
+
+
+def layer_changes(t: Trace) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each real token's vector norm after every layer (L + 1, n) and cosine to the last (L, n)."""
+    n = t.n_real
     states = [t.embeddings] + [layer.output for layer in t.layers[:-1]] + [t.final]
-    norms = [s[0, :n].norm(dim=-1) for s in states]  # L + 1 x (n,)
-    cosines = [torch.nn.functional.cosine_similarity(a[0, :n], b[0, :n], dim=-1)
-               for a, b in zip(states[:-1], states[1:])]  # L x (n,)
-    layers = []
-    for layer in t.layers:
-        probs = layer.probabilities[0, :, :n]  # (H, n, T): real queries, all keys
-        pre = layer.ffn_pre_activation[0, :n]  # (n, F)
-        counts, edges = np.histogram(pre.cpu().numpy(), bins=40)
-        layers.append({
-            "scores": _nums(layer.scores[0, :, :n], 3),
-            "attention": _nums(probs, 5),
-            "mean_attention": _nums(probs.mean(0), 5),
-            "norm1": {"before": _stats(layer.norm1_input, n), "after": _stats(layer.norm1_output, n)},
-            "norm2": {"before": _stats(layer.norm2_input, n), "after": _stats(layer.norm2_output, n)},
-            "ffn_hidden": _nums(layer.ffn_hidden[0, :n], 2),
-            "ffn_active": _nums((pre > 0).float().mean(-1), 4),
-            "ffn_histogram": {"counts": counts.tolist(), "edges": _nums(edges, 3)},
-        })
+    norms = torch.stack([s[0, :n].norm(dim=-1) for s in states]).cpu()
+    cosines = torch.stack([torch.nn.functional.cosine_similarity(a[0, :n], b[0, :n], dim=-1)
+                           for a, b in zip(states[:-1], states[1:])]).cpu()
+    return norms, cosines
+
+
+def page_data(t: Trace) -> dict[str, Any]:
+    """Everything the page draws, as JSON-ready lists, thinned past ``BUDGET``."""
+    n, c, T = t.n_real, t.config, len(t.tokens)
+    thin = plan_thinning(n, T, c)
+    runs, similarity_runs = _runs(n, T, thin.group), _runs(n, n, thin.similarity_group)
+    similarity = _run_matrix(similarity_runs, n, mean=True)  # (G, n): mean cosine over runs
+    dims = slice(None, None, thin.dim_step)
+    norms, cosines = layer_changes(t)
     return {
         "text": t.text, "model": t.model, "description": t.description,
         "config": {**c.to_dict(), "d_head": c.d_head, "has_final_norm": c.has_final_norm},
         "architecture": describe_architecture(c),
         "tokens": t.tokens, "kinds": t.kinds, "ids": t.input_ids[0].tolist(),
         "mask": t.attention_mask[0].tolist(), "n_real": n, "n_tokens_full": t.n_tokens_full,
-        "truncated": t.truncated, "max_tokens": t.max_tokens, "model_max_len": t.model_max_len,
+        "truncated": t.truncated, "cut_by": t.cut_by, "max_tokens": t.max_tokens,
+        "model_max_len": t.model_max_len, "padding_requested": t.padding_requested,
         "lookup_error": t.lookup_error, "max_error": t.max_error,
-        "token_embedding": _nums(t.token_embedding[0], 3),
-        "positions": _nums(t.positions, 5),
+        "thinning": {"group": thin.group, "ffn_step": thin.ffn_step, "dim_step": thin.dim_step,
+                     "similarity_group": thin.similarity_group, "budget": BUDGET, "decimals": DECIMALS},
+        "attention_labels": _run_labels(t.tokens, runs), "attention_real": math.ceil(n / thin.group),
+        "dims": list(range(c.d_model))[dims], "ffn_units": list(range(c.d_ff))[::thin.ffn_step],
+        "token_embedding": _nums(t.token_embedding[0, :, dims], DECIMALS["wide"]),
+        "positions": _nums(t.positions[:, dims], DECIMALS["positions"]),
         "token_type": _nums(t.token_type, 4) if t.token_type is not None else None,
-        "embedding_sum": _nums(t.embedding_sum[0], 3),
-        "embeddings": _nums(t.embeddings[0], 3),
-        "layers": layers,
-        "norms": _nums(torch.stack(norms), 4),  # (L + 1, n)
-        "cosines": _nums(torch.stack(cosines), 4),  # (L, n)
-        "final": _nums(final, 4),
-        "similarity": _nums(unit @ unit.T, 4),  # (n, n) cosine
+        "embedding_sum": _nums(t.embedding_sum[0, :, dims], DECIMALS["wide"]),
+        "embeddings": _nums(t.embeddings[0, :, dims], DECIMALS["wide"]),
+        "layers": [_layer_data(layer, n, thin) for layer in t.layers],
+        "norms": _nums(norms, 4),  # (L + 1, n)
+        "cosines": _nums(cosines, 4),  # (L, n)
+        "final": _nums(t.final[0, :n, dims], DECIMALS["wide"]),
+        "similarity_labels": _run_labels(t.tokens, similarity_runs),
+        "similarity": _nums(similarity @ token_similarity(t) @ similarity.T, 4),  # (G, G) cosine
+        "pooling": _pooling_data(t.pooling, t.final[0, :n]),
     }
 
 
@@ -331,13 +522,20 @@ def render_html(t: Trace) -> str:
     return render(page_data(t))
 
 
-def explain(pipeline: Pipeline, text: str, output: str | Path, max_tokens: int = DEFAULT_MAX_TOKENS,
-            padding: int = DEFAULT_PADDING) -> Trace:
-    """Trace ``text`` and write the page to ``output``; returns the trace."""
-    t = trace(pipeline, text, max_tokens=max_tokens, padding=padding)
+def explain(pipeline: Pipeline, texts: str | Sequence[str], output: str | Path,
+            max_tokens: int = DEFAULT_MAX_TOKENS, padding: int = DEFAULT_PADDING) -> Trace:
+    """Trace the first of ``texts`` and write the page to ``output`` (atomically); returns the trace.
+
+    Every text gets its sentence vector on the page, with their cosine similarities.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if not texts:
+        raise ValueError("explain needs at least one text.")
+    t = trace(pipeline, texts[0], max_tokens=max_tokens, padding=padding, others=texts[1:])
+    page = render_html(t)
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(render_html(t), encoding="utf-8")
+    atomic_write(output, lambda tmp: tmp.write_text(page, encoding="utf-8"))
     return t
 
 
@@ -363,13 +561,14 @@ def write_pngs(t: Trace, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     n, c = t.n_real, t.config
     real = [_label(tok) for tok in t.tokens[:n]]
-    data = page_data(t)
     paths: list[Path] = []
 
     def save(fig: Any, name: str) -> None:
         fig.tight_layout()
-        fig.savefig(folder / name)
-        plt.close(fig)
+        try:  # atomically: a failed write (a full disk) leaves no truncated PNG
+            atomic_write(folder / name, lambda tmp: fig.savefig(tmp, format="png"))
+        finally:
+            plt.close(fig)
         paths.append(folder / name)
 
     with warnings.catch_warnings():
@@ -392,7 +591,8 @@ def write_pngs(t: Trace, folder: str | Path) -> list[Path]:
             probs = layer.probabilities[0, :, :n, :n].cpu().numpy()  # (H, n, n) real tokens
             panels = [("average", probs.mean(0))] + [(f"head {h + 1}", p) for h, p in enumerate(probs)]
             mosaic = np.full((rows * step - 1, cols * step - 1), np.nan)
-            fig, ax = plt.subplots(figsize=(1.6 + 0.3 * cols * step, 1.2 + 0.3 * rows * step), dpi=100)
+            cell = min(0.3, 24 / (cols * step))  # inches: long texts shrink the cells, not grow the file
+            fig, ax = plt.subplots(figsize=(1.6 + cell * cols * step, 1.2 + cell * rows * step), dpi=100)
             for k, (title, p) in enumerate(panels):
                 r, col = divmod(k, cols)
                 mosaic[r * step: r * step + n, col * step: col * step + n] = p
@@ -410,16 +610,18 @@ def write_pngs(t: Trace, folder: str | Path) -> list[Path]:
                          "(rows: queries, columns: keys)", pad=14)
             save(fig, f"attention_layer_{i + 1}.png")
 
-        fig, ax = plt.subplots(figsize=(2 + 0.35 * n, 1.5 + 0.35 * n), dpi=110)
-        image = ax.imshow(np.array(data["similarity"]), cmap="RdBu_r", vmin=-1, vmax=1)
-        ax.set_xticks(range(n), real, rotation=90)
-        ax.set_yticks(range(n), real)
+        cell = min(0.35, 20 / n)  # inches per token, as above
+        fig, ax = plt.subplots(figsize=(2 + cell * n, 1.5 + cell * n), dpi=110)
+        image = ax.imshow(token_similarity(t).numpy(), cmap="RdBu_r", vmin=-1, vmax=1)
+        labels = real if cell >= 0.15 else []  # below ~11 px a row, names would overprint
+        ax.set_xticks(range(n) if labels else [], labels, rotation=90)
+        ax.set_yticks(range(n) if labels else [], labels)
         ax.set_title("cosine similarity of the context vectors")
         fig.colorbar(image, ax=ax)
         save(fig, "similarity.png")
 
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-        norms, cosines = np.array(data["norms"]), np.array(data["cosines"])  # (L + 1, n), (L, n)
+        norms, cosines = (x.numpy() for x in layer_changes(t))  # (L + 1, n), (L, n)
         for j, tok in enumerate(real):
             left.plot(range(len(norms)), norms[:, j], marker="o", label=tok)
             right.plot(range(1, len(norms)), cosines[:, j], marker="o", label=tok)

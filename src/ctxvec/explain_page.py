@@ -4,6 +4,10 @@
 prose and the tables are written here (every piece of text from the input goes through
 ``html.escape``), the numbers travel as a JSON block, and the inline script draws the pictures
 on <canvas> from them. Nothing is fetched: no external script, style, font or image.
+
+The script sizes every picture to the width its figure has (and redraws on resize), so nothing
+overflows into a scrollbar; every text it draws on a canvas goes through one ``label`` function
+that keeps a record of its box, which the tests read to check that no two labels overlap.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ SECTIONS = (
     ("step-addnorm1", "6. Add & Norm #1"),
     ("step-ffn", "7. Feed-forward + Add & Norm #2"),
     ("step-stack", "8. Stacking: the context vectors"),
+    ("step-pooling", "9. Pooling: the sentence vector"),
 )
 
 
@@ -29,9 +34,8 @@ def shape(*dims: int | str) -> str:
     return f'<code class="shape">({", ".join(str(d) for d in dims)})</code>'
 
 
-def figure(canvas_id: str, caption: str, wide: bool = False) -> str:
-    cls = "fig wide" if wide else "fig"
-    return (f'<figure class="{cls}"><figcaption>{caption}</figcaption>'
+def figure(canvas_id: str, caption: str) -> str:
+    return (f'<figure class="fig"><figcaption>{caption}</figcaption>'
             f'<div class="scroll"><canvas id="{canvas_id}" class="map"></canvas></div>'
             f'<div class="legend"></div></figure>')
 
@@ -47,18 +51,68 @@ def _clip(text: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
+def _every(step: int, of: int, what: str) -> str:
+    """``_every(4, 1024, "hidden units")`` -> "every 4th of the 1024 hidden units"."""
+    suffix = "th" if 10 <= step % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(step % 10, "th")
+    return f"every {step}{suffix} of the {of} {what}"
+
+
+def _cut_note(d: dict[str, Any]) -> str:
+    """Which limit cut the text: --max-tokens or the model's own."""
+    n, full, limit = d["n_real"], d["n_tokens_full"], d["model_max_len"]
+    if not d["truncated"]:
+        return ""
+    if d["cut_by"] == "max_tokens":
+        why = (f'<code>--max-tokens {d["max_tokens"]}</code> cut it. The model itself reads up to '
+               f"{limit} tokens" + (f" (it would cut this text at {limit})" if full > limit else "")
+               + ", and so does <code>ctxvec embed</code>, which gives step 9's sentence vectors")
+    else:
+        why = (f"the model's own limit of {limit} tokens cut it (<code>--max-tokens "
+               f"{d['max_tokens']}</code> would allow {'more' if d['max_tokens'] > limit else 'as many'}; "
+               "<code>ctxvec embed</code> cuts the text there too)")
+    return (f'<p class="note" id="cap-note">This text has {full} tokens; the page shows the first '
+            f"{n} (special tokens included): {why}.</p>")
+
+
+def _padding_note(d: dict[str, Any]) -> str:
+    asked, shown, room = d["padding_requested"], len(d["tokens"]) - d["n_real"], d["config"]["max_len"]
+    if asked == shown:
+        return ""
+    return (f'<p class="note" id="padding-note">You asked for {asked} [PAD] tokens '
+            f"(<code>--padding {asked}</code>); the model has {room} positions and the text takes "
+            f"{d['n_real']}, so the page shows {shown}.</p>")
+
+
+def _thinning_note(d: dict[str, Any]) -> str:
+    """What the page left out to stay small, view by view (nothing when it left nothing out)."""
+    th, c, n = d["thinning"], d["config"], d["n_real"]
+    items = []
+    if th["group"] > 1:
+        items.append(f"attention (step 5): tokens pooled in runs of {th['group']} "
+                     f"({d['attention_real']} rows instead of {n}); a cell is the share of attention "
+                     "a run of queries gives a run of keys (every row still sums to 1), a score "
+                     "cell the run's mean")
+    if th["ffn_step"] > 1:
+        items.append(f"feed-forward (step 7): {_every(th['ffn_step'], c['d_ff'], 'hidden units')} "
+                     "drawn; the histogram and the share of active units count all of them")
+    if th["dim_step"] > 1:
+        items.append(f"embeddings, positions and context vectors (steps 3, 4, 8): "
+                     f"{_every(th['dim_step'], c['d_model'], 'dimensions')} drawn")
+    if th["similarity_group"] > 1:
+        items.append(f"token similarities (step 8): tokens pooled in runs of "
+                     f"{th['similarity_group']}, a cell the mean cosine")
+    if not items:
+        return ""
+    lis = "".join(f"<li>{escape(item)}</li>" for item in items)
+    return (f'<div class="note" id="thin-note">This text is long: to keep the page small (and '
+            f"the pictures readable), it thins these views:<ul>{lis}</ul></div>")
+
+
 def _header(d: dict[str, Any]) -> str:
     c, arch = d["config"], d["architecture"]
     n, T = d["n_real"], len(d["tokens"])
+    dec = d["thinning"]["decimals"]
     items = "".join(f'<li data-choice="{key}">{escape(value)}</li>' for key, value in arch.items())
-    note = ""
-    if d["truncated"]:
-        note = (f'<p class="note" id="cap-note">This text has {d["n_tokens_full"]} tokens; the page '
-                f'shows the first {n} (special tokens included). The cap is '
-                f'<code>--max-tokens {min(d["max_tokens"], d["model_max_len"])}</code>'
-                + (f"; the model itself reads at most {d['model_max_len']} tokens"
-                   if d["n_tokens_full"] > d["model_max_len"] else
-                   f"; the model itself would read up to {d['model_max_len']}") + ".</p>")
     nav = "".join(f'<a href="#{sid}">{escape(title)}</a>' for sid, title in SECTIONS)
     layers = "".join(f'<option value="{i}">layer {i + 1}</option>' for i in range(c["n_layers"]))
     heads = '<option value="avg">average over heads</option>' + "".join(
@@ -70,9 +124,11 @@ def _header(d: dict[str, Any]) -> str:
 <p>This model's actual choices:</p>
 <ul id="arch">{items}</ul>
 <p class="check" id="check">Every number here was recorded from the model's own modules, step by step,
-and checked against its normal forward pass: largest difference {d["max_error"]:.1e} (limit 1e-5).
-Hover over a picture for its values.</p>
-{note}
+and checked against its normal forward pass and <code>Pipeline.embed</code>: largest difference
+{d["max_error"]:.1e} (relative to the values' size where it exceeds 1; limit 1e-5). The page rounds
+them: attention probabilities to {dec["probabilities"]} decimals, scores and hidden units to
+{dec["scores"]}, the sentence vectors to {dec["vector"]}. Hover over a picture for its values.</p>
+{_cut_note(d)}{_padding_note(d)}{_thinning_note(d)}
 <nav>{nav}</nav>
 </header>
 <div id="controls"><label>Layer <select id="layer-select">{layers}</select></label>
@@ -83,8 +139,8 @@ Hover over a picture for its values.</p>
 def _tokens(d: dict[str, Any]) -> str:
     T, n = len(d["tokens"]), d["n_real"]
     cells = "".join(
-        f'<td class="{kind}"><div class="pos">{i}</div><div class="tok">{escape(tok)}</div>'
-        f'<div class="id">{tid}</div><div class="m">{m}</div></td>'
+        f'<div class="{kind}"><div class="pos">{i}</div><div class="tok">{escape(tok)}</div>'
+        f'<div class="id">{tid}</div><div class="m">{m}</div></div>'
         for i, (tok, tid, m, kind) in enumerate(zip(d["tokens"], d["ids"], d["mask"], d["kinds"])))
     pad = (f"Here the text is padded with {T - n} [PAD] tokens to show it." if T > n
            else "This page shows no padding (<code>--padding 0</code>).")
@@ -93,9 +149,9 @@ continues a word), adds the special tokens <code>[CLS]</code> and <code>[SEP]</c
 piece to its id in the vocabulary. In a batch, shorter texts are padded to the longest one; the
 attention mask says which positions are real (1) and which are padding (0). {pad}</p>
 <p class="shapes">input_ids {shape(1, T)} &middot; attention_mask {shape(1, T)}</p>
-<div class="scroll"><table class="tokens" id="token-table"><tr><th></th>{cells}</tr></table></div>
+<div class="tokens" id="token-table">{cells}</div>
 <p class="key"><span class="word">word piece</span> <span class="special">special token</span>
-<span class="pad">padding</span> &middot; rows: position, token, id, mask</p>
+<span class="pad">padding</span> &middot; in each box: position, token, id, mask</p>
 {figure("c-mask", "attention_mask: 1 = real token, 0 = padding")}"""
 
 
@@ -108,7 +164,12 @@ column: {T} tokens give a one-hot tensor {shape(1, T, V)} holding {T} ones, at (
 exactly looking the row up, <code>E[ids]</code>: here max |one_hot &middot; E &minus; E[ids]| =
 <b id="lookup-error">{d["lookup_error"]:g}</b>. That is why models never build the one-hot tensor:
 the lookup is the same product without the {T * (V - 1)} zeros.</p>
-{figure("c-onehot", f"one-hot rows: each mark is the single 1 among {V} columns", wide=True)}"""
+{figure("c-onehot", f"one-hot rows: each mark is the single 1 among {V} columns")}"""
+
+
+def _dims_note(d: dict[str, Any]) -> str:
+    step = d["thinning"]["dim_step"]
+    return f" ({_every(step, d['config']['d_model'], 'dimensions')})" if step > 1 else ""
 
 
 def _embedding(d: dict[str, Any]) -> str:
@@ -120,12 +181,12 @@ def _embedding(d: dict[str, Any]) -> str:
 {c["d_model"]} numbers per token in the vocabulary, learned by backpropagation. Each token gets
 its row; padding gets the [PAD] row like any token (the mask keeps it out of attention). {scale}</p>
 <p class="shapes">token embeddings {shape(1, T, c["d_model"])}</p>
-{figure("c-embedding", "token embeddings: one row per token, one column per dimension", wide=True)}"""
+{figure("c-embedding", "token embeddings: one row per token, one column per dimension" + _dims_note(d))}"""
 
 
 def _positions(d: dict[str, Any]) -> str:
     c, T = d["config"], len(d["tokens"])
-    D = c["d_model"]
+    D, dims = c["d_model"], _dims_note(d)
     if c["position"] == "sinusoidal":
         what = (f"This model uses <b>sinusoidal</b> positions: a fixed table, a formula rather than "
                 f"learned weights, PE[pos, 2i] = sin(pos / 10000<sup>2i/{D}</sup>) and PE[pos, 2i+1] = "
@@ -138,14 +199,14 @@ def _positions(d: dict[str, Any]) -> str:
         caption = f"learned position vectors for positions 0-{T - 1}"
     parts = ["token embedding", "position"] + (["segment (token type 0)"] if c["type_vocab_size"] else [])
     norm = (" and then normalised by a LayerNorm (as in BERT)" if c["embedding_norm"] else "")
-    after = (figure("c-embeddings", "after the embedding LayerNorm: the first layer's input", wide=True)
+    after = (figure("c-embeddings", "after the embedding LayerNorm: the first layer's input" + dims)
              if c["embedding_norm"] else "")
     return f"""<p>Attention by itself does not know the order of the tokens, so each position adds a
 vector of its own. {what}</p>
 <p class="shapes">positions {shape(T, D)} (the same for every text of a batch) &middot; sum {shape(1, T, D)}</p>
-{figure("c-positions", caption, wide=True)}
+{figure("c-positions", caption + dims)}
 <p>The first layer's input is the sum {" + ".join(parts)}{norm}.</p>
-{figure("c-sum", "the sum: " + " + ".join(parts), wide=True)}
+{figure("c-sum", "the sum: " + " + ".join(parts) + dims)}
 {after}"""
 
 
@@ -155,6 +216,9 @@ def _attention(d: dict[str, Any]) -> str:
     blocks = "".join(f'<span style="flex:1;--h:{h * 360 // H}" title="head {h + 1}: {Dh} values">{h + 1}</span>'
                      for h in range(H))
     inp = "LayerNorm(x) (pre-norm)" if c["norm_first"] else "x"
+    group = d["thinning"]["group"]
+    runs = (f" Tokens are pooled in runs of {group} here (see the note at the top): a row or column "
+            "is a run of tokens, named by its positions." if group > 1 else "")
     return f"""<p>Every layer projects its input {inp} to queries Q, keys K and values V with one fused
 matrix ({D} &rarr; 3 &times; {D}) and splits each into {H} heads of {Dh}. For each head:
 scores = Q&middot;K<sup>T</sup> / &radic;{Dh} (how well each query matches each key), padding keys
@@ -167,7 +231,7 @@ over the real tokens; the head's output is those weights times V.</p>
 {figure("c-attention", 'softmax probabilities <span class="sel"></span>')}
 </div>
 <p class="hint">Rows: queries (the token that looks); columns: keys (the tokens looked at). Padding
-keys are masked (probability exactly 0); padding rows are grey: the model does not compute them.</p>
+keys are masked (probability exactly 0); padding rows are grey: the model does not compute them.{runs}</p>
 <p>All heads of this layer (click one to select it):</p>
 <div id="heads-grid"></div>
 <p>The {H} heads' outputs, {Dh} values each, are concatenated back to d_model = {H} &times; {Dh} =
@@ -190,13 +254,13 @@ def _addnorm1(d: dict[str, Any]) -> str:
 {c["d_model"]} values, divides by their standard deviation, then applies a learned scale and shift,
 so every token leaves with a similar scale whatever happened before.</p>
 <p class="shapes">before, after {shape(1, T, c["d_model"])}; mean and std per token over the last axis</p>
-{figure("c-norm1", "per token: mean and standard deviation, before and after LayerNorm #1", wide=True)}
+{figure("c-norm1", "per token: mean and standard deviation, before and after LayerNorm #1")}
 <div class="scroll"><table class="stats" id="t-norm1"></table></div>"""
 
 
 def _ffn(d: dict[str, Any]) -> str:
     c, T = d["config"], len(d["tokens"])
-    D, F = c["d_model"], c["d_ff"]
+    D, F, step = c["d_model"], c["d_ff"], d["thinning"]["ffn_step"]
     if c["activation"] == "relu":
         act = ("<b>ReLU</b> keeps the positive values and sets the rest to exactly 0, so a unit is "
                "either active (&gt; 0) or off.")
@@ -205,20 +269,21 @@ def _ffn(d: dict[str, Any]) -> str:
                "squashed towards 0 (not exactly 0); \"active\" below means a positive input.")
     norm = ("then the residual: <code>x = x + FFN(LayerNorm(x))</code> (pre-norm)" if c["norm_first"]
             else "then Add &amp; Norm #2: <code>x = LayerNorm(x + FFN(x))</code>")
+    units = f"{F} per token" + (f"; {_every(step, F, 'units')}" if step > 1 else "")
     return f"""<p>The feed-forward network works on each token alone: {D} &rarr; {F} (&times;{F / D:g}
 wider), activation, {F} &rarr; {D}; {norm}. {act}</p>
 <p class="shapes">up {shape(1, T, F)} &rarr; activation {shape(1, T, F)} &rarr; down {shape(1, T, D)}</p>
-{figure("c-ffn", f"hidden units after the activation ({F} per token)", wide=True)}
-<div class="pair">
-{figure("c-ffn-hist", "distribution of the inputs to the activation (all real tokens)")}
+{figure("c-ffn", f"hidden units after the activation ({units})")}
+{figure("c-ffn-hist", "distribution of the inputs to the activation (all real tokens, all units)")}
 {figure("c-norm2", "per token: mean and std before and after LayerNorm #2")}
-</div>
 <div class="scroll"><table class="stats" id="t-ffn"></table></div>"""
 
 
 def _stack(d: dict[str, Any]) -> str:
     c, n = d["config"], d["n_real"]
     final = (" After the last layer, a final LayerNorm." if c["has_final_norm"] else "")
+    group = d["thinning"]["similarity_group"]
+    runs = f" (tokens pooled in runs of {group}: a cell is the mean cosine)" if group > 1 else ""
     return f"""<p>Each layer's output is the next layer's input; after {c["n_layers"]} layers every token's
 vector has gathered information from the others: its context vector.{final} Below: each token's
 vector length after every layer, and the cosine between its vector after a layer and before it
@@ -229,15 +294,61 @@ of the real tokens {shape(n, c["d_model"])}</p>
 {figure("c-norms", "vector norm per token (emb = the first layer's input)")}
 {figure("c-cosines", "cosine to the previous layer's vector")}
 </div>
-{figure("c-final", "the final context vectors", wide=True)}
-{figure("c-similarity", "cosine similarity between the final context vectors")}"""
+{figure("c-final", "the final context vectors" + _dims_note(d))}
+{figure("c-similarity", "cosine similarity between the final context vectors" + runs)}"""
+
+
+def _pooling(d: dict[str, Any]) -> str:
+    p, c, n = d["pooling"], d["config"], d["n_real"]
+    D, m = c["d_model"], len(p["texts"])
+    how = {
+        "mean": (f"<b>mean pooling</b>: the sentence vector is the average of the {n} real tokens' "
+                 "context vectors ([CLS] and [SEP] included); padding is left out of the sum and "
+                 "of the count, so it never changes the result"),
+        "cls": ("<b>CLS pooling</b>: the sentence vector is the context vector of the first token, "
+                "[CLS]; the other tokens reach it only through attention"),
+        "max": (f"<b>max pooling</b>: each of the {D} dimensions takes its largest value among the "
+                f"{n} real tokens (padding left out); below, the share of dimensions each token supplies"),
+    }[p["mode"]]
+    norm = (f"Then <b>L2 normalisation</b> divides it by its length ({p['pooled_norm']:.4f}), so every "
+            "sentence vector has length 1 and the dot product of two is their cosine."
+            if p["normalize"] else
+            f"This model does <b>not normalise</b>: the sentence vector is the pooled vector itself "
+            f"(length {p['pooled_norm']:.4f}); a cosine divides by the two lengths.")
+    if p["embed_error"] is not None:
+        check = (f"<code>Pipeline.embed([text])[0]</code> gives the same vector: largest difference "
+                 f"<b id=\"embed-error\">{p['embed_error']:.1e}</b>.")
+    else:
+        check = (f"<code>--max-tokens</code> cut this trace at {n} tokens, but <code>ctxvec embed</code> "
+                 f"reads {p['n_tokens'][0]}: its vector (text 1 below) is pooled over all of them, "
+                 "so it differs from the one above.")
+    first = ", ".join(f"{v:.4f}" for v in p["vector"][:6])
+    rows = "".join(
+        f'<tr><td>text {i + 1}</td><td class="text">{escape(_clip(text, 80))}</td><td>{k}'
+        f'{" (cut)" if cut else ""}</td><td>{", ".join(f"{v:.4f}" for v in vec[:4])}, ...</td></tr>'
+        for i, (text, k, cut, vec) in enumerate(zip(p["texts"], p["n_tokens"], p["truncated"], p["vectors"])))
+    compare = (f"""{figure("c-sentences", "the texts' sentence vectors (what ctxvec embed writes)")}
+{figure("c-text-similarity", "cosine similarity between the texts' sentence vectors")}""" if m > 1 else
+               '<p class="hint">Give more texts (<code>ctxvec explain "one text" "another"</code>) '
+               "to compare their sentence vectors.</p>")
+    return f"""<p>A Transformer encoder gives one vector per token; <code>ctxvec embed</code> and
+<code>Pipeline.embed</code> give one per text. This model uses {how}. {norm}</p>
+<p class="shapes">context vectors {shape(n, D)} &rarr; pooled {shape(D)} &rarr; sentence vector {shape(D)}</p>
+{figure("c-pool-weights", "how much each token counts in the pooled vector")}
+{figure("c-pooled", "the pooled vector, before normalisation") if p["normalize"] else ""}
+{figure("c-sentence", "the sentence vector" + ("" if p["normalize"] else " (the pooled vector itself)"))}
+<p id="sentence-check">The sentence vector begins {first}, ... {check}</p>
+<div class="scroll"><table class="stats texts" id="t-texts"><tr><th></th><th>text</th><th>tokens</th>
+<th>sentence vector</th></tr>{rows}</table></div>
+{compare}"""
 
 
 def render(data: dict[str, Any]) -> str:
     """The whole page as one HTML string."""
     bodies = {"step-tokens": _tokens, "step-onehot": _onehot, "step-embedding": _embedding,
               "step-positions": _positions, "step-attention": _attention,
-              "step-addnorm1": _addnorm1, "step-ffn": _ffn, "step-stack": _stack}
+              "step-addnorm1": _addnorm1, "step-ffn": _ffn, "step-stack": _stack,
+              "step-pooling": _pooling}
     sections = "\n".join(f'<section id="{sid}"><h2>{escape(title)}</h2>\n{bodies[sid](data)}\n</section>'
                          for sid, title in SECTIONS)
     return f"""<!DOCTYPE html>
@@ -269,7 +380,8 @@ h1 { font-size: 24px; margin: 8px 0; } h1 q { color: var(--accent); }
 h2 { font-size: 19px; margin: 0 0 8px; }
 #arch { margin: 4px 0; padding-left: 20px; columns: 2; font-size: 14px; }
 .check { color: var(--muted); font-size: 13px; }
-.note { background: #fff3bf; border: 1px solid #f0c36d; padding: 8px 12px; border-radius: 6px; }
+.note { background: #fff3bf; border: 1px solid #f0c36d; padding: 8px 12px; border-radius: 6px; margin: 8px 0; }
+.note ul { margin: 4px 0 0; padding-left: 20px; }
 nav { display: flex; flex-wrap: wrap; gap: 6px 14px; font-size: 13px; margin: 8px 0; }
 nav a { color: var(--accent); text-decoration: none; }
 #controls { position: sticky; top: 0; z-index: 5; background: #fff; border-bottom: 1px solid var(--line);
@@ -283,10 +395,10 @@ code { background: #eef1f6; padding: 0 4px; border-radius: 4px; font-size: 13px;
 code.shape { background: #e7ecff; color: #243a9b; font-weight: 600; }
 .shapes { font-size: 14px; }
 .scroll { overflow-x: auto; }
-table.tokens { border-collapse: separate; border-spacing: 3px; font-size: 13px; }
-table.tokens td { text-align: center; border-radius: 6px; padding: 3px 6px; min-width: 40px; }
-table.tokens .tok { font-weight: 600; white-space: pre; }
-table.tokens .pos, table.tokens .id, table.tokens .m { color: var(--muted); font-size: 12px; }
+.tokens { display: flex; flex-wrap: wrap; gap: 3px; font-size: 13px; }
+.tokens > div { text-align: center; border-radius: 6px; padding: 3px 6px; min-width: 40px; max-width: 100%; }
+.tokens .tok { font-weight: 600; white-space: pre-wrap; overflow-wrap: anywhere; }
+.tokens .pos, .tokens .id, .tokens .m { color: var(--muted); font-size: 12px; }
 .word { background: #e7f5ff; } .special { background: #fff0f6; } .pad { background: #eceff3; }
 .key span { padding: 1px 6px; border-radius: 4px; font-size: 12px; }
 figure { margin: 10px 0; }
@@ -308,6 +420,7 @@ table.stats { border-collapse: collapse; font-size: 13px; }
 table.stats th, table.stats td { padding: 2px 10px; border-bottom: 1px solid var(--line); text-align: right;
   white-space: pre; }
 table.stats th:first-child, table.stats td:first-child { text-align: left; }
+table.texts td.text, table.texts th:nth-child(2) { text-align: left; white-space: normal; overflow-wrap: anywhere; }
 #tip { position: fixed; pointer-events: none; background: rgba(20,24,33,.92); color: #fff; font-size: 12px;
   padding: 3px 7px; border-radius: 4px; z-index: 10; white-space: pre; }
 """
@@ -317,11 +430,12 @@ JS = r"""
 "use strict";
 const D = JSON.parse(document.getElementById("ctxvec-data").textContent);
 const $ = (id) => document.getElementById(id);
-const C = D.config, n = D.n_real, T = D.tokens.length, L = D.layers.length, H = C.n_heads;
+const C = D.config, n = D.n_real, T = D.tokens.length, H = C.n_heads;
 const short = (s) => (s.length > 12 ? s.slice(0, 11) + "\u2026" : s);
 const tokens = D.tokens.map(short), real = tokens.slice(0, n);
 const dims = (k) => Array.from({length: k}, (_, i) => `dim ${i}`);
-const fmt = (v) => (v === null ? "masked / not computed" : Math.abs(v) >= 100 ? v.toFixed(1) : v.toFixed(4));
+const fmt = (v) => (v === null ? "masked / not computed" : Math.abs(v) >= 100 ? v.toFixed(1) : String(+v.toFixed(4)));
+const FONT = 11, GAP = 2, PITCH = FONT + GAP;  // label font (px); labels closer than PITCH would touch
 
 const VIRIDIS = [[68,1,84],[72,40,120],[62,74,137],[49,104,142],[38,130,142],[31,158,137],
                  [53,183,121],[109,205,89],[180,222,44],[253,231,37]];
@@ -351,31 +465,64 @@ function range(m, opt) {
   return {lo, hi, sum, clipped};
 }
 
+// The width a figure has: pictures fit it (and are redrawn on resize) instead of overflowing.
+const room = (canvas, max) => Math.max(120, Math.min(canvas.parentElement.clientWidth, max || Infinity));
+const probe = document.createElement("canvas").getContext("2d");
+probe.font = `${FONT}px system-ui, sans-serif`;
+const measure = (s) => probe.measureText(s).width;
+const widest = (labels) => Math.ceil(Math.max(0, ...labels.map(measure)));
+
 function setup(canvas, w, h) {
   const dpr = window.devicePixelRatio || 1;
   canvas.width = Math.ceil(w * dpr); canvas.height = Math.ceil(h * dpr);
   canvas.style.width = w + "px"; canvas.style.height = h + "px";
   const ctx = canvas.getContext("2d");
   ctx.setTransform(dpr, 0, 0, dpr, 0, 0);
-  ctx.font = "11px system-ui, sans-serif";
+  ctx.font = `${FONT}px system-ui, sans-serif`;
+  canvas._labels = [];
   return ctx;
 }
 
+// Every text on a canvas is drawn here, and its box kept in canvas._labels (in the label's own
+// rotated frame: anchor x, y, angle, and the extent [x0, x0 + w] x [-h/2, h/2] around it), so
+// that tests can check that labels neither overlap nor leave the canvas.
+function label(ctx, s, x, y, opt = {}) {
+  const angle = opt.angle || 0, align = opt.align || "left", w = ctx.measureText(s).width;
+  ctx.save(); ctx.translate(x, y); ctx.rotate(angle);
+  ctx.textAlign = align; ctx.textBaseline = "middle"; ctx.fillText(s, 0, 0);
+  ctx.restore();
+  const x0 = align === "right" ? -w : align === "center" ? -w / 2 : 0;
+  ctx.canvas._labels.push({s, x, y, angle, x0, w, h: FONT, role: opt.role || "note"});
+}
+
+// Draw one label in `every` (1: all) when they are too close for all; 0: none.
+const thinning = (pitch, need, thin) => (pitch >= need ? 1 : thin ? Math.ceil(need / pitch) : 0);
+
 // A matrix (rows of numbers, null = masked or not computed) as coloured cells with labels.
+// Token axes (opt.thinRows, opt.thinCols) keep every k-th name when the cells are too small for
+// all of them; other axes (dimensions, units) show names only when every one fits.
 function heatmap(canvas, m, opt) {
-  const rows = m.length, cols = m[0].length, maxW = opt.maxWidth || 760;
+  const rows = m.length, cols = m[0].length, maxW = room(canvas, opt.maxWidth);
   const {lo, hi, sum, clipped} = range(m, opt);
   const colour = (v) => (v === null ? [215, 218, 224]
     : ramp(opt.diverging ? DIVERGING : VIRIDIS, (v - lo) / (hi - lo)));
-  const probe = canvas.getContext("2d"); probe.font = "11px system-ui, sans-serif";
-  const labelW = (labels) => Math.ceil(Math.max(...labels.map((s) => probe.measureText(s).width))) + 8;
-  const left = opt.rowLabels ? labelW(opt.rowLabels) : 0;
-  let cw = opt.cw || Math.max(0.2, Math.min(opt.maxCell || 44, (maxW - left) / cols));
+  const left = opt.rowLabels ? widest(opt.rowLabels) + 8 : 0;
+  const colW = opt.colLabels ? widest(opt.colLabels) : 0;
+  const fit = (right) => opt.cw || Math.max(0.2, Math.min(opt.maxCell || 44, (maxW - left - right) / cols));
+  // column names slant at 45 degrees when the cells are wide enough, else stand upright; the
+  // last one needs room on the right
+  const slant = Boolean(opt.colLabels) && fit(colW * Math.SQRT1_2) * Math.SQRT1_2 >= PITCH;
+  const right = !opt.colLabels ? 0 : slant ? Math.ceil(colW * Math.SQRT1_2) : FONT;
+  const cw = fit(right);
   let ch = opt.ch || Math.max(opt.square ? cw : 4, Math.min(opt.square ? cw : 18, 420 / rows));
   if (opt.square) ch = cw;
-  const showCols = opt.colLabels && cw >= 9, showRows = opt.rowLabels && ch >= 8;
-  const top = showCols ? Math.min(90, labelW(opt.colLabels) * 0.75 + 4) : 0;
-  const w = left + cols * cw, h = top + rows * ch;
+  const rowEvery = opt.rowLabels ? thinning(ch, PITCH, opt.thinRows) : 0;
+  const colPitch = slant ? cw * Math.SQRT1_2 : cw;
+  const colEvery = opt.colLabels ? thinning(colPitch, PITCH, opt.thinCols) : 0;
+  // a row name taller than its row needs room above the first row and below the last
+  const edge = rowEvery && ch < FONT ? Math.ceil((FONT - ch) / 2) : 0;
+  const top = colEvery ? Math.ceil(slant ? (colW + FONT) * Math.SQRT1_2 : colW) + 6 : edge;
+  const w = Math.ceil(left + cols * cw + right), h = Math.ceil(top + rows * ch + edge);
   const ctx = setup(canvas, w, h);
   const off = document.createElement("canvas"); off.width = cols; off.height = rows;
   const octx = off.getContext("2d"), img = octx.createImageData(cols, rows);
@@ -386,22 +533,21 @@ function heatmap(canvas, m, opt) {
   octx.putImageData(img, 0, 0);
   ctx.imageSmoothingEnabled = false;
   ctx.drawImage(off, left, top, cols * cw, rows * ch);
-  ctx.fillStyle = "#1d2330"; ctx.textBaseline = "middle";
-  if (showRows) {
-    ctx.textAlign = "right";
-    opt.rowLabels.forEach((s, r) => ctx.fillText(s, left - 4, top + (r + 0.5) * ch));
-  }
-  if (showCols) {
-    ctx.textAlign = "left";
-    opt.colLabels.forEach((s, c) => { ctx.save(); ctx.translate(left + (c + 0.5) * cw, top - 4);
-      ctx.rotate(-Math.PI / 4); ctx.fillText(s, 0, 0); ctx.restore(); });
-  }
-  if (opt.numbers && cw >= 34 && ch >= 15) {
-    ctx.textAlign = "center";
+  ctx.fillStyle = "#1d2330";
+  if (rowEvery) opt.rowLabels.forEach((s, r) => {
+    if (r % rowEvery === 0) label(ctx, s, left - 4, top + (r + 0.5) * ch, {align: "right", role: "row"});
+  });
+  if (colEvery) opt.colLabels.forEach((s, c) => {
+    if (c % colEvery === 0) label(ctx, s, left + (c + 0.5) * cw, top - 4,
+                                  {angle: slant ? -Math.PI / 4 : -Math.PI / 2, role: "col"});
+  });
+  if (opt.numbers && cw >= 30 && ch >= 15) {
     for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) {
       const v = m[r][c]; if (v === null) continue;
+      const s = v.toFixed(opt.decimals ?? (Math.abs(v) >= 10 ? 1 : 2));
+      if (ctx.measureText(s).width > cw - 4) continue;  // a number wider than its cell is left to the tooltip
       const col = colour(v); ctx.fillStyle = col[0] * 0.3 + col[1] * 0.59 + col[2] * 0.11 > 140 ? "#111" : "#fff";
-      ctx.fillText(v.toFixed(opt.decimals ?? (Math.abs(v) >= 10 ? 1 : 2)), left + (c + 0.5) * cw, top + (r + 0.5) * ch);
+      label(ctx, s, left + (c + 0.5) * cw, top + (r + 0.5) * ch, {align: "center", role: "value"});
     }
   }
   canvas._map = {m, left, top, cw, ch, rowLabels: opt.rowLabels, colLabels: opt.colLabels};
@@ -436,33 +582,68 @@ document.addEventListener("mousemove", (e) => {
   tip.style.left = e.clientX + 12 + "px"; tip.style.top = e.clientY + 12 + "px"; tip.hidden = false;
 });
 
-// Bars: one group per token, one bar per series (values may be negative).
-function bars(canvas, labels, series, opt) {
-  const maxW = 760, left = 46, top = 22, plotH = 150, bottom = 60;
-  const group = Math.max(10, Math.min(60, (maxW - left) / labels.length));
-  const bw = Math.max(2, (group - 4) / series.length);
+// About `count` round steps from lo to hi (0 among them when the range crosses it).
+function ticks(lo, hi, count, integer) {
+  const raw = (hi - lo) / count, mag = 10 ** Math.floor(Math.log10(raw));
+  let step = [1, 2, 2.5, 5, 10].map((f) => f * mag).find((s) => s >= raw);
+  if (integer) step = Math.max(1, Math.round(step));
+  const decimals = Math.max(0, Math.ceil(-Math.log10(step) + 1e-9) + (String(step).includes("25") ? 1 : 0));
+  const from = Math.floor(lo / step + 1e-9), to = Math.ceil(hi / step - 1e-9);
+  return Array.from({length: to - from + 1}, (_, i) => {
+    const v = (from + i) * step;
+    return {v, s: v.toFixed(decimals)};
+  });
+}
+
+// Bars: one group per label, one bar per series (values may be negative). The axis ends on
+// round ticks; category names stand upright under their group, one in k when too close for all.
+function bars(canvas, labels, series, opt = {}) {
+  const width = room(canvas, opt.maxWidth), plotH = 150;
   const all = series.flatMap((s) => s.values);
-  const lo = Math.min(0, ...all), hi = Math.max(0, ...all) || 1;
+  const axis = ticks(Math.min(0, ...all), Math.max(0, ...all) || 1, 4, opt.integer);
+  const lo = axis[0].v, hi = axis[axis.length - 1].v;
+  const left = widest(axis.map((t) => t.s)) + 10, plotW = width - left - 8;
+  // the key: series names in rows that wrap at the canvas's width
+  let kx = left, ky = 0; const keys = series.map((s) => {
+    const w = measure(s.name) + 14;
+    if (kx > left && kx + w > width) { kx = left; ky += 16; }
+    const at = {x: kx, y: ky}; kx += w + 16; return at;
+  });
+  const top = ky + 16 + 10, group = plotW / labels.length;
+  const named = labels.map((s, i) => [s, i]).filter(([s]) => s !== "");
+  // sparse names (a histogram's every 5th bin) lie flat when they fit side by side
+  const flat = named.every(([s, i], j) => j === 0
+    || (i - named[j - 1][1]) * group >= (measure(s) + measure(named[j - 1][0])) / 2 + 6);
+  const every = flat ? 1 : thinning(group, PITCH, true);
+  const bottom = flat ? FONT + 12 : widest(labels) + 12;
+  const ctx = setup(canvas, width, top + plotH + bottom);
   const y = (v) => top + plotH * (hi - v) / (hi - lo);
-  const ctx = setup(canvas, left + group * labels.length + 10, top + plotH + bottom);
-  ctx.strokeStyle = "#b8bfcc"; ctx.beginPath();
-  ctx.moveTo(left, y(0)); ctx.lineTo(left + group * labels.length, y(0)); ctx.stroke();
-  ctx.fillStyle = "#5b6475"; ctx.textAlign = "right"; ctx.textBaseline = "middle";
-  const num = (v) => (opt && opt.integer ? String(Math.round(v)) : v.toPrecision(3));
-  ctx.fillText(num(hi), left - 4, y(hi)); ctx.fillText(num(lo), left - 4, y(lo));
-  if (lo < 0) ctx.fillText("0", left - 4, y(0));
+  ctx.strokeStyle = "#e3e6ec"; ctx.fillStyle = "#5b6475";
+  axis.forEach((t) => {
+    ctx.beginPath(); ctx.moveTo(left, y(t.v)); ctx.lineTo(left + plotW, y(t.v)); ctx.stroke();
+    label(ctx, t.s, left - 4, y(t.v), {align: "right", role: "tick"});
+  });
+  ctx.strokeStyle = "#8a93a5"; ctx.beginPath(); ctx.moveTo(left, y(0)); ctx.lineTo(left + plotW, y(0)); ctx.stroke();
+  const bw = Math.max(0.5, (group * 0.85) / series.length);
   series.forEach((s, k) => {
     ctx.fillStyle = s.colour;
     s.values.forEach((v, i) => {
-      ctx.fillRect(left + i * group + 2 + k * bw, Math.min(y(v), y(0)), bw - 1, Math.abs(y(v) - y(0)));
+      ctx.fillRect(left + i * group + group * 0.075 + k * bw, Math.min(y(v), y(0)),
+                   Math.max(0.5, bw - 0.5), Math.abs(y(v) - y(0)));
     });
   });
   ctx.fillStyle = "#1d2330";
-  if (group >= 12) labels.forEach((s, i) => { ctx.save(); ctx.translate(left + (i + 0.5) * group, top + plotH + 8);
-    ctx.rotate(Math.PI / 4); ctx.textAlign = "left"; ctx.fillText(s, 0, 0); ctx.restore(); });
-  let x = left; ctx.textAlign = "left";
-  series.forEach((s) => { ctx.fillStyle = s.colour; ctx.fillRect(x, 4, 10, 10); ctx.fillStyle = "#1d2330";
-    ctx.fillText(s.name, x + 14, 9); x += ctx.measureText(s.name).width + 30; });
+  named.forEach(([s, i]) => {
+    if (i % every !== 0) return;
+    const x = left + (i + 0.5) * group;
+    // below the bottom tick's name, which reaches FONT / 2 under the axis
+    if (flat) label(ctx, s, x, top + plotH + 7 + FONT / 2, {align: "center", role: "col"});
+    else label(ctx, s, x, top + plotH + 7, {angle: -Math.PI / 2, align: "right", role: "col"});
+  });
+  series.forEach((s, k) => {
+    ctx.fillStyle = s.colour; ctx.fillRect(keys[k].x, keys[k].y + 3, 10, 10);
+    ctx.fillStyle = "#1d2330"; label(ctx, s.name, keys[k].x + 14, keys[k].y + 8, {role: "key"});
+  });
   canvas.dataset.checksum = `${labels.length}:${all.reduce((a, v) => a + Math.abs(v), 0).toFixed(5)}`;
   canvas.dataset.drawn = "1";
 }
@@ -474,46 +655,71 @@ function table(el, head, rows) {
   rows.forEach((r) => { const row = el.insertRow(); r.forEach((v) => { row.insertCell().textContent = v; }); });
 }
 
-// ---- the fixed pictures (steps 1-4 and 8) ----
-heatmap($("c-mask"), [D.mask], {colLabels: tokens, vmin: 0, vmax: 1, numbers: true, decimals: 0,
-                                 cw: Math.max(12, Math.min(44, 760 / T)), ch: 24});
-
-(function onehot(canvas) {
-  const V = C.vocab_size, left = 90, width = 660, rowH = Math.max(6, Math.min(18, 400 / T));
-  const ctx = setup(canvas, left + width + 10, T * rowH + 24);
-  ctx.textBaseline = "middle";
+// Every row of the one-hot tensor, named, up to 128 tokens; past that the picture stays
+// 1,664 px tall and one row in k is named.
+function onehot(canvas) {
+  const V = C.vocab_size, names = D.ids.map((id, r) => `${tokens[r]} ${id}`);
+  const rowH = Math.max(Math.min(18, 400 / T), Math.min(PITCH, 128 * PITCH / T));
+  const every = thinning(rowH, PITCH, true), left = widest(names) + 10;
+  const width = room(canvas), plot = width - left - 4;
+  const ctx = setup(canvas, width, T * rowH + 24);
   D.ids.forEach((id, r) => {
-    ctx.fillStyle = r % 2 ? "#f1f3f7" : "#e8ebf1"; ctx.fillRect(left, r * rowH, width, rowH - 1);
+    ctx.fillStyle = r % 2 ? "#f1f3f7" : "#e8ebf1"; ctx.fillRect(left, r * rowH, plot, rowH - (rowH > 4 ? 1 : 0));
     ctx.fillStyle = D.kinds[r] === "pad" ? "#868e96" : "#c2255c";
-    ctx.fillRect(left + Math.floor(id / V * width) - 1, r * rowH, 3, rowH - 1);
-    if (rowH >= 8) {
-      ctx.fillStyle = "#1d2330"; ctx.textAlign = "right";
-      ctx.fillText(`${tokens[r]} ${id}`, left - 4, (r + 0.5) * rowH);
-    }
+    ctx.fillRect(left + Math.floor(id / V * plot) - 1, r * rowH, 3, Math.max(1, rowH - 1));
+    ctx.fillStyle = "#1d2330";
+    if (r % every === 0) label(ctx, names[r], left - 4, (r + 0.5) * rowH, {align: "right", role: "row"});
   });
-  ctx.fillStyle = "#5b6475"; ctx.textAlign = "left"; ctx.fillText("column 0", left, T * rowH + 12);
-  ctx.textAlign = "right"; ctx.fillText(`column ${V - 1}`, left + width, T * rowH + 12);
+  ctx.fillStyle = "#5b6475";
+  label(ctx, "column 0", left, T * rowH + 12, {role: "tick"});
+  label(ctx, `column ${V - 1}`, left + plot, T * rowH + 12, {align: "right", role: "tick"});
   canvas.dataset.checksum = `${T}:${D.ids.reduce((a, b) => a + b, 0)}`; canvas.dataset.drawn = "1";
-})($("c-onehot"));
+}
 
-const wide = {rowLabels: tokens, colLabels: dims(C.d_model), diverging: true, robust: true};
-heatmap($("c-embedding"), D.token_embedding, wide);
-heatmap($("c-positions"), D.positions, {...wide, rowLabels: tokens.map((_, i) => `pos ${i}`)});
-heatmap($("c-sum"), D.embedding_sum, wide);
-if ($("c-embeddings")) heatmap($("c-embeddings"), D.embeddings, wide);
-
+// ---- the fixed pictures (steps 1-4, 8 and 9) ----
 const layerNames = ["emb"].concat(D.layers.map((_, i) => String(i + 1)));
 const transpose = (m) => m[0].map((_, j) => m.map((row) => row[j]));  // (layer, token) -> (token, layer)
-const perLayer = {rowLabels: real, numbers: true, maxWidth: 480, ch: 22};
-heatmap($("c-norms"), transpose(D.norms), {...perLayer, colLabels: layerNames});
-heatmap($("c-cosines"), transpose(D.cosines), {...perLayer, colLabels: layerNames.slice(1)});
-heatmap($("c-final"), D.final, {rowLabels: real, colLabels: dims(C.d_model), diverging: true, robust: true});
-heatmap($("c-similarity"), D.similarity, {rowLabels: real, colLabels: real, diverging: true, vmax: 1,
-                                         numbers: true, square: true, maxWidth: 560});
+const shownDims = D.dims.map((i) => `dim ${i}`), P = D.pooling;
+const textNames = P.texts.map((_, i) => `text ${i + 1}`);
+
+function drawFixed() {
+  heatmap($("c-mask"), [D.mask], {colLabels: tokens, vmin: 0, vmax: 1, numbers: true, decimals: 0, thinCols: true,
+                                   cw: Math.max(1, Math.min(44, (room($("c-mask")) - FONT) / T)), ch: 24});
+  onehot($("c-onehot"));
+  const wide = {rowLabels: tokens, colLabels: shownDims, diverging: true, robust: true, thinRows: true};
+  heatmap($("c-embedding"), D.token_embedding, wide);
+  heatmap($("c-positions"), D.positions, {...wide, rowLabels: tokens.map((_, i) => `pos ${i}`)});
+  heatmap($("c-sum"), D.embedding_sum, wide);
+  if ($("c-embeddings")) heatmap($("c-embeddings"), D.embeddings, wide);
+
+  const perLayer = {rowLabels: real, numbers: true, maxWidth: 480, ch: Math.max(PITCH, Math.min(22, 1400 / n)),
+                    thinRows: true};
+  heatmap($("c-norms"), transpose(D.norms), {...perLayer, colLabels: layerNames});
+  heatmap($("c-cosines"), transpose(D.cosines), {...perLayer, colLabels: layerNames.slice(1)});
+  heatmap($("c-final"), D.final, {...wide, rowLabels: real});
+  const simLabels = D.similarity_labels.map(short);
+  heatmap($("c-similarity"), D.similarity, {rowLabels: simLabels, colLabels: simLabels, diverging: true, vmax: 1,
+                                           numbers: true, square: true, maxWidth: 560, thinRows: true, thinCols: true});
+
+  const weight = P.mode === "max" ? "share of the dimensions where this token holds the maximum"
+                                  : "weight of this token in the pooled vector";
+  bars($("c-pool-weights"), real, [{name: weight, values: P.weights, colour: "#3b5bdb"}]);
+  const vector = {colLabels: dims(C.d_model), diverging: true, ch: 24};
+  if ($("c-pooled")) heatmap($("c-pooled"), [P.pooled], {...vector, rowLabels: ["pooled"]});
+  heatmap($("c-sentence"), [P.vector], {...vector, rowLabels: ["sentence vector"]});
+  if ($("c-sentences")) {
+    heatmap($("c-sentences"), P.vectors, {...vector, rowLabels: textNames, ch: undefined, thinRows: true});
+    heatmap($("c-text-similarity"), P.similarity, {rowLabels: textNames, colLabels: textNames, diverging: true,
+                                                   vmax: 1, numbers: true, square: true, maxWidth: 560,
+                                                   thinRows: true, thinCols: true});
+  }
+}
 
 // ---- steps 5-7 follow the layer and head selects ----
 const layerSel = $("layer-select"), headSel = $("head-select");
-const padRows = (rows) => rows.concat(Array.from({length: T - n}, () => Array(T).fill(null)));
+// attention maps: one row and column per token, or per run of tokens on a thinned page
+const runs = D.attention_labels.map(short), G = runs.length;
+const padRows = (rows) => rows.concat(Array.from({length: G - D.attention_real}, () => Array(G).fill(null)));
 function headMatrix(layer, head, key) {
   const hs = layer[key];
   if (head !== "avg") return hs[Number(head)];
@@ -522,7 +728,7 @@ function headMatrix(layer, head, key) {
 
 function drawHeadsGrid(layer) {
   const grid = $("heads-grid"); grid.textContent = "";
-  const cell = Math.max(2, Math.min(10, Math.floor(96 / T)));
+  const cell = Math.max(2, Math.min(10, Math.floor(96 / G)));
   ["avg"].concat(Array.from({length: H}, (_, i) => String(i))).forEach((h) => {
     const fig = document.createElement("figure"), cv = document.createElement("canvas");
     const cap = document.createElement("figcaption");
@@ -536,9 +742,10 @@ function drawHeadsGrid(layer) {
 
 function update() {
   const li = Number(layerSel.value), head = headSel.value, layer = D.layers[li];
-  const label = `layer ${li + 1}, ${head === "avg" ? "average over heads" : "head " + (Number(head) + 1)}`;
-  document.querySelectorAll("#step-attention .sel").forEach((el) => { el.textContent = "\u2014 " + label; });
-  const sq = {rowLabels: tokens, colLabels: tokens, numbers: true, square: true, maxWidth: 480, maxCell: 44};
+  const what = `layer ${li + 1}, ${head === "avg" ? "average over heads" : "head " + (Number(head) + 1)}`;
+  document.querySelectorAll("#step-attention .sel").forEach((el) => { el.textContent = "\u2014 " + what; });
+  const sq = {rowLabels: runs, colLabels: runs, numbers: true, square: true, maxWidth: 480, maxCell: 44,
+              thinRows: true, thinCols: true};
   heatmap($("c-scores"), padRows(headMatrix(layer, head, "scores")), {...sq, diverging: true});
   heatmap($("c-attention"), padRows(headMatrix(layer, head, "attention")), {...sq, vmin: 0});
   for (const id of ["c-scores", "c-attention"]) { $(id).dataset.layer = li; $(id).dataset.head = head; }
@@ -556,10 +763,12 @@ function update() {
   table($("t-norm1"), [`layer ${li + 1}`, "mean before", "std before", "mean after", "std after"],
         real.map((t, i) => [t, ...stats(n1, i)]));
 
-  heatmap($("c-ffn"), layer.ffn_hidden, {rowLabels: real, colLabels: dims(C.d_ff), diverging: true, robust: true});
+  heatmap($("c-ffn"), layer.ffn_hidden, {rowLabels: real, colLabels: D.ffn_units.map((u) => `unit ${u}`),
+                                         diverging: true, robust: true, thinRows: true});
   const hist = layer.ffn_histogram;
   bars($("c-ffn-hist"), hist.counts.map((_, i) => (i % 5 ? "" : hist.edges[i].toFixed(1))),
-       [{name: "how many (token, unit) inputs fall in each bin", values: hist.counts, colour: "#3b5bdb"}], {integer: true});
+       [{name: "how many (token, unit) inputs fall in each bin", values: hist.counts, colour: "#3b5bdb"}],
+       {integer: true, maxWidth: 640});
   bars($("c-norm2"), real, statSeries(n2));
   const share = layer.ffn_active.reduce((a, v) => a + v, 0) / n;
   table($("t-ffn"), [`layer ${li + 1}`, "FFN units active", "mean before #2", "std before #2", "mean after #2", "std after #2"],
@@ -568,7 +777,14 @@ function update() {
 }
 layerSel.addEventListener("change", update);
 headSel.addEventListener("change", update);
+drawFixed();
 update();
+// a new width redraws every picture to fit it
+let resizing = 0;
+window.addEventListener("resize", () => {
+  clearTimeout(resizing);
+  resizing = setTimeout(() => { drawFixed(); update(); }, 100);
+});
 document.body.dataset.ready = "1";
 })();
 """

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from ctxvec.checkpoint import atomic_save_tensors, atomic_write, atomic_write_text
+from ctxvec.checkpoint import atomic_save_tensors, atomic_write_text
 from ctxvec.config import EncoderConfig
 from ctxvec.encoder import Encoder
 from ctxvec.pipeline import Pipeline
@@ -24,10 +24,9 @@ from ctxvec.pretrained import (
     WEIGHTS_FILE,
     bert_config,
     bert_state_dict,
-    load_state_strict,
+    load_model,
     minilm_dir,
     read_json,
-    read_safetensors,
     sentence_max_len,
     sentence_pooling,
 )
@@ -66,10 +65,9 @@ def load_seed() -> Pipeline:
 def load_huggingface(folder: Path, name: str | None = None, description: str = "") -> Pipeline:
     """A BERT-family Hugging Face / sentence-transformers folder."""
     config = bert_config(read_json(folder / "config.json")).replace(dropout=0.0)
+    encoder = load_model(lambda: Encoder(config), folder / WEIGHTS_FILE, config.n_layers,
+                         lambda tensors, _: bert_state_dict(tensors, config))
     tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=sentence_max_len(folder, config))
-    encoder = Encoder(config)
-    state = bert_state_dict(read_safetensors(folder / WEIGHTS_FILE), config)
-    load_state_strict(encoder, state, str(folder / WEIGHTS_FILE))
     return Pipeline(tokenizer, encoder, sentence_pooling(folder), name=name or str(folder),
                     description=description or f"BERT-family model from {folder}")
 
@@ -83,9 +81,8 @@ def load_ctxvec(folder: Path, name: str | None = None) -> Pipeline:
         max_len = int(meta["max_len"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{folder / CTXVEC_CONFIG} lacks {err}.") from None
+    encoder = load_model(lambda: Encoder(config), folder / WEIGHTS_FILE, config.n_layers)
     tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=max_len)
-    encoder = Encoder(config)
-    load_state_strict(encoder, read_safetensors(folder / WEIGHTS_FILE), str(folder / WEIGHTS_FILE))
     return Pipeline(tokenizer, encoder, pooling, name=name or str(folder),
                     description=meta.get("description", f"ctxvec model from {folder}"))
 
@@ -96,7 +93,7 @@ def save_pipeline(pipeline: Pipeline, folder: str | Path, description: str = "")
     folder.mkdir(parents=True, exist_ok=True)
     # every file atomically (temporary name, fsync, rename): a crash leaves old or new, never half
     atomic_save_tensors(folder / WEIGHTS_FILE, pipeline.encoder.state_dict())
-    atomic_write(folder / "tokenizer.json", lambda tmp: pipeline.tokenizer.save(tmp))
+    pipeline.tokenizer.save(folder / "tokenizer.json")
     meta = {"encoder": pipeline.encoder.config.to_dict(), "max_len": pipeline.max_len,
             "pooling": {"mode": pipeline.pooling.mode, "normalize": pipeline.pooling.normalize},
             "description": description or pipeline.description}

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ctxvec.checkpoint import atomic_write
+
 
 def read_metrics(run: Path, key: str | None = None) -> tuple[dict[int, float], dict[int, float]]:
     """(train loss by step, held-out loss by step); a step logged twice keeps its last value.
@@ -53,6 +55,8 @@ def plot_run(run: Path, output: Path | None = None) -> Path:
     ax.legend(*handles, loc="center right")
     output = output or run / "loss.png"
     fig.tight_layout()
-    fig.savefig(output)
-    plt.close(fig)
+    try:
+        atomic_write(output, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return output

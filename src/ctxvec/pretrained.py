@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -86,25 +87,65 @@ def minilm_dir() -> Path:
     return folder
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, expect: type = dict) -> Any:
+    """A JSON file that must hold an ``expect`` (an object, or a list); errors name the file."""
     try:
         value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise ValueError(f"cannot read {path}: {err}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object.")
+    if not isinstance(value, expect):
+        raise ValueError(f"{path} must hold a JSON {'object' if expect is dict else 'list'}, "
+                         f"not a {type(value).__name__}.")
     return value
 
 
 def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     """Every tensor of a safetensors file, with a clear error for a broken file."""
-    if not path.is_file():
-        raise WeightsError(f"no weights file at {path} (ctxvec reads safetensors only, never pickles).")
+    _require_file(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             return {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise WeightsError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def read_safetensors_shapes(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors a safetensors file declares, as empty "meta" tensors of their shapes: its header
+    only, nothing allocated (the data is checked when it is read)."""
+    _require_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: torch.empty(f.get_slice(key).get_shape(), device="meta") for key in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise WeightsError(f"{path} is not a readable safetensors file: {err}") from None
+
+
+def _require_file(path: Path) -> None:
+    if not path.is_file():
+        raise WeightsError(f"no weights file at {path} (ctxvec reads safetensors only, never pickles).")
+
+
+def load_model(make: Callable[[], nn.Module], path: Path, n_layers: int,
+               rename: Callable[[dict[str, torch.Tensor], nn.Module], dict[str, torch.Tensor]] = lambda t, m: t,
+               ) -> nn.Module:
+    """``make()`` a model of ``n_layers`` layers in all and fill it from the safetensors file
+    ``path``, strictly.
+
+    The model is first made on the "meta" device (shapes, no memory) and held against the file's
+    header: a config that disagrees with the weights (a vocabulary of 10^12 rows, say) is an
+    error naming the key before anything is allocated. ``rename(tensors, model)`` maps the
+    file's keys to the model's.
+    """
+    declared = read_safetensors_shapes(path)
+    if n_layers > len(declared):  # every layer has several tensors: not even the skeleton is made
+        raise WeightsError(f"{path} holds {len(declared)} tensors, too few for the {n_layers} layers of "
+                           "the model its config describes; the config does not match the weights.")
+    with torch.device("meta"):
+        skeleton = make()
+    check_state_keys(skeleton, rename(declared, skeleton), str(path))
+    model = make()
+    load_state_strict(model, rename(read_safetensors(path), model), str(path))
+    return model
 
 
 def bert_config(hf: dict[str, Any]) -> EncoderConfig:
@@ -169,19 +210,26 @@ def bert_state_dict(tensors: dict[str, torch.Tensor], config: EncoderConfig) -> 
     return state
 
 
-def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """Copy ``state`` into ``model``: every key present, none extra, shapes equal, floats only."""
+def check_state_keys(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Every key of ``model`` present in ``state``, none extra, every shape equal."""
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise WeightsError(f"{source}: missing key(s) {missing[:8]}; unexpected key(s) {unexpected[:8]}")
     for key, tensor in state.items():
-        if not tensor.dtype.is_floating_point:
-            raise WeightsError(f"{source}: {key} has dtype {tensor.dtype}; weights must be floating point.")
         if tuple(tensor.shape) != tuple(expected[key].shape):
             raise WeightsError(f"{source}: {key} has shape {tuple(tensor.shape)}, the model "
                                f"expects {tuple(expected[key].shape)}.")
+
+
+def load_state_strict(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``model``: every key present, none extra, shapes equal, floats only."""
+    check_state_keys(model, state, source)
+    expected = model.state_dict()
+    for key, tensor in state.items():
+        if not tensor.dtype.is_floating_point:
+            raise WeightsError(f"{source}: {key} has dtype {tensor.dtype}; weights must be floating point.")
         if not torch.isfinite(tensor).all():
             raise WeightsError(f"{source}: {key} contains NaN or infinite values.")
     model.load_state_dict({k: v.to(expected[k].dtype) for k, v in state.items()}, strict=True)
@@ -195,13 +243,19 @@ def sentence_pooling(folder: Path) -> Pooling:
     modules_file = folder / "modules.json"
     if not modules_file.is_file():
         return Pooling("mean", normalize=False)
-    modules = json.loads(modules_file.read_text(encoding="utf-8"))
+    modules = read_json(modules_file, list)
+    for i, module in enumerate(modules):
+        if not isinstance(module, dict) or not isinstance(module.get("type", ""), str):
+            raise ValueError(f"{modules_file}: entry {i} must be an object with a string \"type\", got {module!r}.")
     types = [m.get("type", "") for m in modules]
     normalize = any(t.endswith("Normalize") for t in types)
     pooling_module = next((m for m in modules if m.get("type", "").endswith("Pooling")), None)
     if pooling_module is None:
         return Pooling("mean", normalize=normalize)
-    pooling_config = read_json(folder / pooling_module.get("path", "1_Pooling") / "config.json")
+    where = pooling_module.get("path", "1_Pooling")
+    if not isinstance(where, str):
+        raise ValueError(f"{modules_file}: the pooling module's \"path\" must be a string, got {where!r}.")
+    pooling_config = read_json(folder / where / "config.json")
     modes = [mode for mode, key in (("mean", "pooling_mode_mean_tokens"), ("cls", "pooling_mode_cls_token"),
                                     ("max", "pooling_mode_max_tokens")) if pooling_config.get(key)]
     others = [k for k, v in pooling_config.items() if k.startswith("pooling_mode_") and v and

@@ -1,23 +1,38 @@
-"""Reading texts from files, one per line, streamed (never the whole file in memory)."""
+"""Reading texts from files, one per line, streamed (never the whole file in memory).
+
+An input is a regular file, standard input (``-``), or a pipe, a FIFO or a process
+substitution (``<(cat f)``). ``open_texts`` reads a pipe once, in full, into an unnamed
+temporary file, so that every input can be counted, hashed and read again.
+"""
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import hashlib
 import json
-from collections.abc import Iterator
+import os
+import stat
+import sys
+import tempfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import BinaryIO, Literal
 
 FileFormat = Literal["auto", "text", "jsonl"]
+STDIN = "-"
+_BLOCK = 1 << 20
 
 
 class InputFileError(ValueError):
     """A file that cannot be read as texts; the message names the file and line."""
 
 
-def resolve_format(path: Path, fmt: FileFormat) -> Literal["text", "jsonl"]:
+def resolve_format(path: str | Path, fmt: FileFormat) -> Literal["text", "jsonl"]:
     if fmt != "auto":
         return fmt
-    return "jsonl" if path.suffix.lower() in (".jsonl", ".ndjson") else "text"
+    return "jsonl" if Path(path).suffix.lower() in (".jsonl", ".ndjson") else "text"
 
 
 def check_readable(path: Path) -> None:
@@ -32,44 +47,143 @@ def check_readable(path: Path) -> None:
         raise InputFileError(f"{path}: cannot be read ({err.strerror}).") from None
 
 
-def count_lines(path: Path) -> int:
-    """Number of texts in the file (a last line without a final newline counts)."""
-    n, last = 0, b"\n"
+@dataclass
+class TextSource:
+    """An input ready to be read (again): its texts can be streamed with ``texts()``.
+
+    Attributes:
+        name: how messages name it (the path, or "standard input").
+        file: the content, seekable (a pipe's content lies in an unnamed temporary file).
+        n_texts: lines in it (a last line without a final newline counts).
+        digest: blake2b of the content: the same digest means the same texts.
+        piped: whether it came from a pipe, a FIFO or standard input.
+    """
+
+    name: str
+    file: BinaryIO
+    n_texts: int
+    digest: str
+    piped: bool
+
+    def texts(self, fmt: FileFormat, digest: hashlib.blake2b | None = None) -> Iterator[str]:
+        """Every text from the first line on; ``digest`` (if given) is fed every byte read."""
+        self.file.seek(0)
+        lines: Iterable[bytes] = self.file
+        if digest is not None:
+            lines = _hashed(lines, digest)
+        return parse_lines(lines, self.name, resolve_format(self.name, fmt))
+
+
+@contextlib.contextmanager
+def open_texts(path: str | Path, spool_dir: Path | None = None) -> Iterator[TextSource]:
+    """Open ``path`` (``-`` for standard input) as a ``TextSource``, counted and hashed.
+
+    A pipe is copied, as it is read, into an unnamed temporary file in ``spool_dir`` (default:
+    the system's), which disappears when the context ends.
+    """
+    if str(path) == STDIN:
+        with tempfile.TemporaryFile(dir=spool_dir) as copy:
+            n, digest = _scan(sys.stdin.buffer, copy)
+            yield TextSource("standard input", copy, n, digest, piped=True)
+        return
+    path = Path(path)
+    check_readable(path)
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            n += block.count(b"\n")
-            last = block[-1:]
-    return n + (last != b"\n")
+        if stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            n, digest = _scan(f)
+            yield TextSource(str(path), f, n, digest, piped=False)
+            return
+        with tempfile.TemporaryFile(dir=spool_dir) as copy:
+            n, digest = _scan(f, copy)
+            yield TextSource(str(path), copy, n, digest, piped=True)
+
+
+def _scan(f: BinaryIO, copy: BinaryIO | None = None) -> tuple[int, str]:
+    """(lines, blake2b hex digest) of everything ``f`` holds, written to ``copy`` if given."""
+    n, last, digest = 0, b"\n", hashlib.blake2b(digest_size=20)
+    for block in iter(lambda: f.read(_BLOCK), b""):
+        n += block.count(b"\n")
+        last = block[-1:]
+        digest.update(block)
+        if copy is not None:
+            copy.write(block)
+    if copy is not None:
+        copy.flush()
+    return n + (last != b"\n"), digest.hexdigest()
+
+
+def _hashed(lines: Iterable[bytes], digest: hashlib.blake2b) -> Iterator[bytes]:
+    for line in lines:
+        digest.update(line)
+        yield line
+
+
+def check_utf8(path: str | Path) -> None:
+    """Raise ``InputFileError`` naming the line of the first byte of ``path`` that is not UTF-8."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 0
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(_BLOCK), b""):
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as err:
+                line = lines + block.count(b"\n", 0, err.start) + 1
+                raise InputFileError(f"{path}, line {line}: not valid UTF-8.") from None
+            lines += block.count(b"\n")
+        try:
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            raise InputFileError(f"{path}, line {lines + 1}: not valid UTF-8 (the file ends inside a "
+                                 "character).") from None
 
 
 def iter_texts(path: Path, fmt: FileFormat = "auto") -> Iterator[str]:
-    """Yield one text per line: plain lines (CRLF or LF), or the "text" field of JSON lines."""
-    kind = resolve_format(path, fmt)
+    """Yield one text per line of a file: plain lines (CRLF or LF), or the "text" field of JSON lines."""
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as err:
-                raise InputFileError(f"{path}, line {number}: not valid UTF-8 (byte {err.start}).") from None
-            if number == 1 and line.startswith("\ufeff"):
-                line = line[1:]  # a byte-order mark is not part of the text
-            line = line.rstrip("\n").removesuffix("\r")
-            if kind == "text":
-                yield line
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputFileError(f"{path}, line {number}: not JSON ({err.msg}).") from None
-            if not isinstance(record, dict) or "text" not in record:
-                raise InputFileError(f'{path}, line {number}: a JSON object with a "text" field is expected.')
-            if not isinstance(record["text"], str):
-                raise InputFileError(f'{path}, line {number}: "text" is a {type(record["text"]).__name__}, '
-                                     "not a string.")
-            yield record["text"]
+        yield from parse_lines(f, str(path), resolve_format(path, fmt))
 
 
-def chunks(texts: Iterator[str], size: int) -> Iterator[list[str]]:
+def parse_lines(lines: Iterable[bytes], name: str, kind: Literal["text", "jsonl"]) -> Iterator[str]:
+    """The texts of raw lines; errors name ``name`` and the 1-based line."""
+    for number, raw in enumerate(lines, start=1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise InputFileError(f"{name}, line {number}: not valid UTF-8 (byte {err.start}).") from None
+        if number == 1 and line.startswith("\ufeff"):
+            line = line[1:]  # a byte-order mark is not part of the text
+        line = line.rstrip("\n").removesuffix("\r")
+        if kind == "text":
+            yield line
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputFileError(f"{name}, line {number}: not JSON ({err.msg}).") from None
+        except RecursionError:
+            raise InputFileError(f"{name}, line {number}: not JSON that can be read (nested too deeply).") from None
+        if not isinstance(record, dict) or "text" not in record:
+            raise InputFileError(f'{name}, line {number}: a JSON object with a "text" field is expected.')
+        text = record["text"]
+        if not isinstance(text, str):
+            raise InputFileError(f'{name}, line {number}: "text" is a {type(text).__name__}, not a string.')
+        if (at := lone_surrogate(text)) is not None:
+            raise InputFileError(f'{name}, line {number}: "text" holds a lone surrogate (an unpaired '
+                                 f"\\u{ord(text[at]):04x} escape) at character {at}, which is not valid "
+                                 "Unicode.")
+        yield text
+
+
+def lone_surrogate(text: str) -> int | None:
+    """Where ``text`` holds half of a UTF-16 surrogate pair (it cannot be UTF-8), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def chunks(texts: Iterable[str], size: int) -> Iterator[list[str]]:
     chunk: list[str] = []
     for text in texts:
         chunk.append(text)

@@ -19,19 +19,43 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from ctxvec.checkpoint import atomic_write_text
+from ctxvec.textfile import check_utf8, lone_surrogate
+
 log = logging.getLogger(__name__)
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
 SPECIAL_TOKENS = (PAD, UNK, CLS, SEP, MASK)  # ids 0..4 in tokenizers that ctxvec trains
 
 
-class TruncationError(ValueError):
+class StrictError(ValueError):
+    """Strict mode refused a text; ``index`` is its position in the input, ``problem`` says why."""
+
+    def __init__(self, index: int, problem: str) -> None:
+        self.index, self.problem = index, problem
+        super().__init__(f"text {index} {problem}; fix it or turn strict mode off.")
+
+    def at(self, index: int) -> StrictError:
+        """The same refusal for the text at another position (a chunk's offset added)."""
+        error = type(self).__new__(type(self))
+        error.__dict__.update(self.__dict__)
+        StrictError.__init__(error, index, self.problem)
+        return error
+
+
+class TruncationError(StrictError):
     """A text is longer than ``max_len`` tokens and the tokenizer was asked to be strict."""
 
     def __init__(self, index: int, n_tokens: int, max_len: int) -> None:
-        self.index, self.n_tokens, self.max_len = index, n_tokens, max_len
-        super().__init__(f"text {index} has {n_tokens} tokens, more than max_len={max_len} "
-                         "(special tokens included); shorten it or turn strict mode off.")
+        self.n_tokens, self.max_len = n_tokens, max_len
+        super().__init__(index, f"has {n_tokens} tokens, more than max_len={max_len} (special tokens included)")
+
+
+class EmptyTextError(StrictError):
+    """A text without a single token (empty, blank, or control characters only), in strict mode."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__(index, "has no tokens (it is empty, or only whitespace or control characters)")
 
 
 @dataclass
@@ -143,11 +167,23 @@ class Tokenizer:
             missing = [str(f) for f in files if not Path(f).is_file()]
             if missing:
                 raise FileNotFoundError(f"training file(s) not found: {', '.join(missing)}")
-            backend.train([str(f) for f in files], trainer)
+            for f in files:
+                check_utf8(f)  # the library's own error names neither the file nor the line
+            files = [str(f) for f in files]
         elif texts is not None:
-            backend.train_from_iterator(texts, trainer)
+            texts = list(texts)  # read twice for a WordPiece vocabulary (below)
         else:
             raise ValueError("give training files or texts.")
+
+        def fit(backend: tokenizers.Tokenizer, trainer) -> None:
+            backend.train(files, trainer) if files is not None else backend.train_from_iterator(texts, trainer)
+
+        if kind == "wordpiece":
+            backend = _deterministic_wordpiece(backend, trainer, fit)
+        else:
+            fit(backend, trainer)
+        if backend.get_vocab_size() <= len(SPECIAL_TOKENS):
+            raise ValueError("the training text holds no words: a vocabulary cannot be learned from it.")
         backend.post_processor = processors.TemplateProcessing(
             single=f"{CLS} $A {SEP}", pair=f"{CLS} $A {SEP} $B:1 {SEP}:1",
             special_tokens=[(CLS, backend.token_to_id(CLS)), (SEP, backend.token_to_id(SEP))])
@@ -160,7 +196,8 @@ class Tokenizer:
         if path.is_dir():
             path = path / "tokenizer.json"
         if not path.is_file():
-            raise FileNotFoundError(f"no tokenizer file at {path}")
+            raise ValueError(f"{path}: no such file (a model needs the tokenizer.json its weights were "
+                             "trained with).")
         try:
             backend = tokenizers.Tokenizer.from_file(str(path))
         except Exception as err:  # the Rust side raises plain Exception
@@ -168,11 +205,11 @@ class Tokenizer:
         return cls(backend, max_len=max_len)
 
     def save(self, path: str | Path) -> None:
-        """Write ``tokenizer.json`` (to a file, or into a folder)."""
+        """Write ``tokenizer.json`` (to a file, or into a folder), atomically."""
         path = Path(path)
         if path.is_dir():
             path = path / "tokenizer.json"
-        self.backend.save(str(path))
+        atomic_write_text(path, self.backend.to_str(pretty=True))
 
     # ---- facts ----------------------------------------------------------------------------
     @property
@@ -186,20 +223,21 @@ class Tokenizer:
         return self.backend.id_to_token(token_id)
 
     # ---- encoding -------------------------------------------------------------------------
-    def tokenize(self, texts: Sequence[str], *, max_len: int | None = None,
+    def tokenize(self, texts: Iterable[str], *, max_len: int | None = None,
                  strict: bool = False) -> list[Encoded]:
         """Tokenize without padding: word pieces, [CLS]/[SEP], truncation to ``max_len``.
 
         Args:
-            texts: a list of strings (a single string is refused, to avoid encoding its
-                characters one by one).
+            texts: any iterable of strings (a list, a generator, a numpy array of strings); a
+                single string is refused, to avoid encoding its characters one by one.
             max_len: the longest encoding kept, special tokens included; default ``self.max_len``.
-            strict: raise ``TruncationError`` instead of cutting a text that is too long.
+            strict: raise ``TruncationError`` instead of cutting a text that is too long, and
+                ``EmptyTextError`` for a text without a single token.
         """
         max_len = self.max_len if max_len is None else max_len
         if not isinstance(max_len, int) or max_len <= self.n_special:
             raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
-        texts = self._check_texts(texts)
+        texts = as_texts(texts)
         budget = max_len - self.n_special
         encoded = []
         # The library's own template adds [CLS]/[SEP], in one batched call; a text over the limit
@@ -215,6 +253,8 @@ class Tokenizer:
                 enc.truncate(budget)
                 enc = self.backend.post_process(enc)
                 ids = enc.ids
+            if strict and n_full == self.n_special:
+                raise EmptyTextError(i)
             encoded.append(Encoded(ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
         return encoded
 
@@ -247,7 +287,7 @@ class Tokenizer:
             truncated=[e.truncated for e in encoded],
         )
 
-    def encode_batch(self, texts: Sequence[str], *, max_len: int | None = None,
+    def encode_batch(self, texts: Iterable[str], *, max_len: int | None = None,
                      padding: Literal["longest", "max_length"] = "longest",
                      strict: bool = False) -> BatchEncoding:
         """Tokenize, add [CLS]/[SEP], truncate to ``max_len``, pad to a rectangle.
@@ -263,20 +303,52 @@ class Tokenizer:
         length = None if padding == "longest" else (self.max_len if max_len is None else max_len)
         return self.pad(encoded, length)
 
-    @staticmethod
-    def _check_texts(texts: Sequence[str]) -> list[str]:
-        if isinstance(texts, str) or not isinstance(texts, Sequence):
-            raise TypeError("texts must be a list of strings (wrap a single text in a list).")
-        texts = list(texts)
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise TypeError(f"text {i} is a {type(text).__name__}, not a str.")
-            try:
-                text.encode("utf-8")
-            except UnicodeEncodeError as err:
-                raise ValueError(f"text {i} is not valid Unicode (a lone surrogate at character "
-                                 f"{err.start}); it cannot be tokenized.") from None
-        return texts
-
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+
+def as_texts(texts: Iterable[str]) -> list[str]:
+    """``texts`` as a list of strings, each valid Unicode, or a ``TypeError``/``ValueError`` naming
+    the first bad one."""
+    if isinstance(texts, (str, bytes)):
+        raise TypeError("texts must be a list (or another iterable) of strings, not a single "
+                        f"{type(texts).__name__}: wrap a single text in a list.")
+    try:
+        texts = list(texts)
+    except TypeError:
+        raise TypeError(f"texts must be a list (or another iterable) of strings, got a "
+                        f"{type(texts).__name__}.") from None
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"text {i} is a {type(text).__name__}, not a str.")
+        if (at := lone_surrogate(text)) is not None:
+            raise ValueError(f"text {i} is not valid Unicode (a lone surrogate at character {at}); it "
+                             "cannot be tokenized.")
+    return texts
+
+
+def _deterministic_wordpiece(backend: tokenizers.Tokenizer, trainer, fit) -> tokenizers.Tokenizer:
+    """Train ``backend`` with ``trainer`` so that the same text always gives the same file.
+
+    The library's trainer numbers the continuation pieces ("##a", "##b", ...) in the order of a
+    hash map, which changes from process to process, and those numbers break ties between
+    merges of equal counts: the same corpus gave a different vocabulary each run
+    (huggingface/tokenizers#1794). A first, cheap pass (no merges) finds the continuation
+    pieces; the real pass receives them, sorted, ahead of the alphabet, so every id is fixed.
+    They are passed as the trainer's special tokens, which makes them added tokens of the
+    result; the WordPiece vocabulary is then rebuilt without that mark.
+    """
+    specials = [token.content for token in trainer.special_tokens]
+    pieces, size = tokenizers.Tokenizer.from_str(backend.to_str()), trainer.vocab_size
+    trainer.vocab_size = 0  # no merges: the vocabulary is the specials, the alphabet, the pieces
+    fit(pieces, trainer)
+    prefix = trainer.continuing_subword_prefix
+    continuation = sorted(t for t in pieces.get_vocab() if t.startswith(prefix) and t not in specials)
+    trainer.vocab_size, trainer.special_tokens = size, specials + continuation
+    fit(backend, trainer)
+    vocab = backend.get_vocab(with_added_tokens=False)
+    model = models.WordPiece(vocab, unk_token=UNK, max_input_chars_per_word=100, continuing_subword_prefix=prefix)
+    result = tokenizers.Tokenizer(model)
+    result.normalizer, result.pre_tokenizer, result.decoder = backend.normalizer, backend.pre_tokenizer, backend.decoder
+    result.add_special_tokens(specials)
+    return result

@@ -144,17 +144,28 @@ def model_config(preset: str, tokenizer: Tokenizer, seq_len: int, presets: dict 
                         max_len=max(base.max_len, seq_len))
 
 
-def prepare_tokenizer(run: Path, corpus: list, tokenizer_path: str | None, cfg: TrainConfig, d: Dist) -> Tokenizer:
+def prepare_tokenizer(run: Path, d: Dist, path: str | None, train: Callable[[], Tokenizer], max_len: int
+                      ) -> tuple[Tokenizer, str]:
+    """The run's ``tokenizer.json`` and a line that says where it came from.
+
+    Kept if the run folder already holds one (a resumed run, or one prepared with
+    ``ctxvec train-tokenizer -o RUN``); else a copy of ``path`` (``--tokenizer``); else
+    ``train()``'s. A ``path`` that differs from the one already in the folder is refused.
+    """
     target = run / "tokenizer.json"
-    if d.main and not target.is_file():
-        if tokenizer_path:
-            tokenizer = Tokenizer.load(tokenizer_path)
-        else:
-            texts = [line for document in corpus for line in document]
-            tokenizer = Tokenizer.train(texts=texts, vocab_size=cfg.vocab_size)
-        tokenizer.save(target)
+    if target.is_file():
+        if path and Tokenizer.load(path).backend.to_str() != Tokenizer.load(target).backend.to_str():
+            raise ValueError(f"{target} already exists and differs from --tokenizer {path}; remove it, "
+                             "or choose another --out.")
+        note = f"using the tokenizer already in {target}"
+    else:
+        if d.main:
+            (Tokenizer.load(path) if path else train()).save(target)
+        note = (f"tokenizer: {path}, copied to {target}" if path
+                else f"tokenizer: trained on the training text, saved to {target}")
     d.barrier()
-    return Tokenizer.load(target, max_len=cfg.seq_len)
+    tokenizer = Tokenizer.load(target, max_len=max_len)
+    return tokenizer, f"{note} ({tokenizer.vocab_size} tokens)"
 
 
 def export_model(run: Path, model: MaskedLanguageModel, tokenizer: Tokenizer, cfg: TrainConfig) -> None:
@@ -192,6 +203,10 @@ class TrainingRun:
             raise ValueError(f"{self.run_dir} already holds a training run; pass --resume to continue it, "
                              "or choose another --out.")
         self.step = 0
+        # what a person should know about this run before it starts (the CLI prints them)
+        self.notes: list[str] = []
+        if resume and self._existing is None:
+            self.notes.append(f"--resume: {self.run_dir} holds no checkpoint yet, so this is a new run")
 
     def build_model(self, make: Callable[[], nn.Module], meta: dict) -> None:
         """Create the model (same initial weights on every process), its optimizer, and restore."""
@@ -352,7 +367,12 @@ class Trainer(TrainingRun):
         super().__init__(run, cfg, resume, progress)
         documents = read_documents(corpus, cfg.doc_lines)
         train_docs, eval_docs = split_documents(documents, cfg.eval_fraction, cfg.seed)
-        self.tokenizer = prepare_tokenizer(self.run_dir, train_docs, tokenizer, cfg, self.d)
+
+        def train_tokenizer() -> Tokenizer:
+            return Tokenizer.train(texts=[line for doc in train_docs for line in doc], vocab_size=cfg.vocab_size)
+
+        self.tokenizer, note = prepare_tokenizer(self.run_dir, self.d, tokenizer, train_tokenizer, cfg.seq_len)
+        self.notes.append(note)
         self.train_seqs = pack_sequences(self.tokenizer, train_docs, cfg.seq_len)
         self.eval_seqs = pack_sequences(self.tokenizer, eval_docs, cfg.seq_len)[: cfg.eval_sequences]
         per_step = cfg.batch_tokens // cfg.seq_len

@@ -3,7 +3,8 @@
 Data: a TSV file with a header row; the source and target columns are named (default: the
 last two columns, so ``ref  es  en`` translates es -> en). Pairs are grouped for the held-out
 split: by the book of a Bible-style ``ref`` column ("1 Samuel 3:4" -> "1 Samuel"), else by
-blocks of consecutive lines, so that neighbouring lines never sit on both sides of a split.
+blocks of consecutive lines, so that held-out lines come in stretches rather than one by one
+(``split_pairs`` has the rule, and its fallback for files with too few groups).
 
 Tokens: one BPE vocabulary for both languages (``Tokenizer.train(kind="bpe")``, cased, exact
 spacing on decode); a sentence is ``[CLS] ... [SEP]``, which on the target side serve as BOS
@@ -23,7 +24,7 @@ import math
 import random
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,14 +32,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ctxvec.checkpoint import atomic_save_tensors, atomic_write, atomic_write_text, unique_state, with_aliases
+from ctxvec.checkpoint import atomic_save_tensors, atomic_write_text, unique_state, with_aliases
 from ctxvec.decoder import Seq2SeqConfig, Translator
 from ctxvec.decoding import beam_search, greedy_decode
 from ctxvec.pipeline import LENGTH_MULTIPLE, length_sorted_batches, padded_shape
-from ctxvec.pretrained import WEIGHTS_FILE, load_state_strict, read_json, read_safetensors
+from ctxvec.pretrained import WEIGHTS_FILE, load_model, read_json
 from ctxvec.textfile import InputFileError, check_readable, iter_texts
 from ctxvec.tokenizer import CLS, SEP, Encoded, Tokenizer
-from ctxvec.train import TrainConfig, TrainingRun, model_config
+from ctxvec.train import TrainConfig, TrainingRun, model_config, prepare_tokenizer
 
 TRANSLATOR_CONFIG = "translator.json"
 PRESETS = {
@@ -51,18 +52,27 @@ PRESETS = {
 BIBLE_VALID_BOOKS = ("Ruth", "Joel", "Philippians", "Jude")
 BIBLE_TEST_BOOKS = ("Jonah", "Nahum", "Titus", "James", "I John")
 _REF = re.compile(r"^(?P<book>.+?)\s+\d+:\d+$")
+_LINES = re.compile(r"lines\s+(\d+)\s*-\s*(\d+)")  # a range of lines named as a group: "lines 2-101"
+HELD_OUT_FRACTION = 0.03  # of the pairs, held out for validation and again for the test
+BLOCK_LINES = 100  # the longest block of consecutive lines held out as one group
 
 
 @dataclass
 class Pair:
     source: str
     target: str
-    group: str  # held-out unit: a book, or a block of lines
+    group: str  # held-out unit: a book, or a block of lines ("lines 2-101")
+    line: int  # the pair's line in the file (the header is line 1)
 
 
 def read_pairs(path: str | Path, source_column: str | None = None, target_column: str | None = None,
-               block_lines: int = 100) -> list[Pair]:
-    """Source/target pairs of a TSV file with a header row (columns chosen by name)."""
+               block_lines: int = BLOCK_LINES) -> tuple[list[Pair], int]:
+    """(pairs, skipped) of a TSV file with a header row (columns chosen by name).
+
+    A pair's group is the book of a Bible-style ``ref`` column ("1 Samuel 3:4" -> "1 Samuel"),
+    else its block of ``block_lines`` lines of the file ("lines 2-101", "lines 102-201", ...).
+    Blank lines are ignored; ``skipped`` counts the rows whose source or target cell is empty.
+    """
     path = Path(path)
     check_readable(path)
     lines = iter_texts(path, "text")
@@ -78,45 +88,126 @@ def read_pairs(path: str | Path, source_column: str | None = None, target_column
         if name not in columns:
             raise InputFileError(f"{path}: no column {name!r}; the header has {', '.join(columns)}.")
     s, t = columns.index(source_column), columns.index(target_column)
+    if s == t:
+        raise InputFileError(f"{path}: the source and target columns are both {source_column!r}; name two "
+                             f"different columns of {', '.join(columns)} (--source-column, --target-column).")
     ref = columns.index("ref") if "ref" in columns else None
-    pairs = []
+    pairs, skipped = [], 0
     for number, line in enumerate(lines, start=2):
         if not line.strip():
             continue
         fields = line.split("\t")
         if len(fields) != len(columns):
             raise InputFileError(f"{path}, line {number}: {len(fields)} fields, the header has {len(columns)}.")
+        source, target = fields[s].strip(), fields[t].strip()
+        if not (source and target):
+            skipped += 1
+            continue
         if ref is not None and (m := _REF.match(fields[ref])):
             group = m["book"]
         else:
-            group = f"lines {(number - 2) // block_lines * block_lines + 2}-"
-        pairs.append(Pair(fields[s].strip(), fields[t].strip(), group))
+            start = (number - 2) // block_lines * block_lines + 2
+            group = f"lines {start}-{start + block_lines - 1}"
+        pairs.append(Pair(source, target, group, number))
     if not pairs:
-        raise InputFileError(f"{path} holds no pairs.")
-    return pairs
+        empty = f" ({skipped} rows have an empty {source_column} or {target_column} cell)" if skipped else ""
+        raise InputFileError(f"{path} holds no pairs{empty}.")
+    return pairs, skipped
 
 
 def split_pairs(pairs: list[Pair], valid_groups: Sequence[str] | None = None,
-                test_groups: Sequence[str] | None = None, fraction: float = 0.03, seed: int = 0,
+                test_groups: Sequence[str] | None = None, fraction: float = HELD_OUT_FRACTION, seed: int = 0,
                 ) -> tuple[list[Pair], list[Pair], list[Pair]]:
-    """(train, valid, test) by whole groups: the named ones, or a random ``fraction`` each."""
-    groups = list(dict.fromkeys(p.group for p in pairs))
-    if valid_groups is None or test_groups is None:
-        order = groups.copy()
-        random.Random(seed).shuffle(order)
-        n = max(1, round(fraction * len(groups)))
-        if len(groups) < 2 * n + 1:
-            raise ValueError(f"{len(groups)} groups of lines are too few to hold out validation and test ones.")
-        valid_groups = order[:n] if valid_groups is None else valid_groups
-        test_groups = order[n:2 * n] if test_groups is None else test_groups
-    unknown = [g for g in [*valid_groups, *test_groups] if g not in groups]
-    if unknown:
-        raise ValueError(f"held-out group(s) not in the data: {', '.join(unknown)}.")
-    if set(valid_groups) & set(test_groups):
-        raise ValueError("a group cannot be both validation and test.")
-    valid, test = set(valid_groups), set(test_groups)
-    return ([p for p in pairs if p.group not in valid | test], [p for p in pairs if p.group in valid],
-            [p for p in pairs if p.group in test])
+    """(train, valid, test), held out by whole groups; each list in file order.
+
+    A named group is a group of the data (a book, "lines 2-101") or any range of lines
+    ("lines 250-259"). A split not named gets a share of about ``fraction`` of the pairs (at
+    least one): the groups, shuffled by ``seed``, each join the first split they bring closer
+    to its share. If that leaves a split under half a share (one book, or a file too small for
+    its 100-line blocks), blocks of consecutive lines are dealt the same way instead, at most
+    ``BLOCK_LINES`` long and sized so that whole blocks make a share. A split dealt ends with
+    half a share to two. Held-out pairs carry as their group the name that selects them, so
+    typing a split's names reproduces it.
+
+    Raises ``ValueError`` for an unknown name, a pair named for both splits, or a training split
+    smaller than the held-out ones (a file too small to hold out from).
+    """
+    splits = [None if names is None else _named(pairs, names) for names in (valid_groups, test_groups)]
+    missing = [k for k, chosen in enumerate(splits) if chosen is None]
+    if missing:
+        share = max(1, round(fraction * len(pairs)))
+        taken = {i for chosen in splits if chosen for i in chosen}
+        groups: dict[str, list[int]] = {}
+        for i, p in enumerate(pairs):
+            groups.setdefault(p.group, []).append(i)
+        size = math.ceil(share / math.ceil(share / BLOCK_LINES))  # blocks of <= BLOCK_LINES, one share in all
+        dealt = (_deal(groups, share, len(missing), seed, taken)
+                 or _deal(_line_blocks(pairs, size), share, len(missing), seed, taken) or [{}] * len(missing))
+        for k, chosen in zip(missing, dealt):
+            splits[k] = chosen
+    valid, test = splits
+    if both := valid.keys() & test.keys():
+        raise ValueError(f"{len(both)} pairs would be both validation and test; name groups that do not overlap.")
+    held = valid.keys() | test.keys()
+    train = [p for i, p in enumerate(pairs) if i not in held]
+    if not train or len(train) < len(held) or not (valid and test):
+        raise ValueError(f"{len(pairs)} pairs are too few to train on most and hold out validation and test ones "
+                         f"({len(train)} training, {len(valid)} validation, {len(test)} test): give a file with "
+                         "more pairs, or name smaller held-out groups (--valid-groups, --test-groups).")
+    return (train, [replace(pairs[i], group=name) for i, name in sorted(valid.items())],
+            [replace(pairs[i], group=name) for i, name in sorted(test.items())])
+
+
+def _named(pairs: list[Pair], names: Sequence[str]) -> dict[int, str]:
+    """{pair index: name} of the pairs in the named groups or ranges of lines ("lines 2-101")."""
+    chosen: dict[int, str] = {}
+    for name in names:
+        picked = [i for i, p in enumerate(pairs) if p.group == name]
+        if not picked and (m := _LINES.fullmatch(name.strip())):
+            name = f"lines {m[1]}-{m[2]}"
+            picked = [i for i, p in enumerate(pairs) if int(m[1]) <= p.line <= int(m[2])]
+        if not picked:
+            groups = list(dict.fromkeys(p.group for p in pairs))
+            raise ValueError(f"no group {name!r} in the data; its groups are {_first_few(groups)}; a range of "
+                             "lines such as 'lines 2-101' also names one.")
+        chosen.update(dict.fromkeys(picked, name))
+    return chosen
+
+
+def _line_blocks(pairs: list[Pair], size: int) -> dict[str, list[int]]:
+    """Consecutive pairs in blocks of ``size`` (the last one takes the rest), named "lines 2-10"."""
+    starts = list(range(0, len(pairs) - size + 1, size)) or [0]
+    ends = starts[1:] + [len(pairs)]
+    return {f"lines {pairs[a].line}-{pairs[b - 1].line}": list(range(a, b)) for a, b in zip(starts, ends)}
+
+
+def _deal(units: dict[str, list[int]], share: int, splits: int, seed: int, taken: set[int],
+          ) -> list[dict[int, str]] | None:
+    """``splits`` x {pair index: unit name} of about ``share`` pairs each; None if one is under half.
+
+    The units (less the pairs already ``taken``) are shuffled by ``seed``, and each joins the
+    first split it brings closer to ``share``, so no split ends with two shares or more.
+    """
+    order = list(units)
+    random.Random(seed).shuffle(order)
+    dealt: list[dict[int, str]] = [{} for _ in range(splits)]
+    for name in order:
+        members = [i for i in units[name] if i not in taken]
+        for chosen in dealt:
+            if abs(len(chosen) + len(members) - share) < abs(len(chosen) - share):
+                chosen.update(dict.fromkeys(members, name))
+                break
+    return dealt if all(2 * len(chosen) >= share for chosen in dealt) else None
+
+
+def _first_few(names: Sequence[str], n: int = 6) -> str:
+    """The names joined ("a, b, c"), or the first ``n`` of them and "and 12 more"."""
+    return ", ".join(names[:n]) + (f" and {len(names) - n} more" if len(names) > n else "")
+
+
+def _natural(name: str) -> list:
+    """A sort key that puts "lines 2-101" before "lines 102-201"."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
 @dataclass
@@ -165,15 +256,15 @@ class TranslationTrainer(TrainingRun):
     def __init__(self, pairs_file: str | Path, run: str | Path, cfg: TranslationConfig, preset: str = "small",
                  tokenizer: str | None = None, resume: bool = False, progress: bool = True) -> None:
         super().__init__(run, cfg, resume, progress)
-        pairs = read_pairs(pairs_file, cfg.source_column, cfg.target_column)
+        pairs, self.skipped_pairs = read_pairs(pairs_file, cfg.source_column, cfg.target_column)
         valid_groups, test_groups = cfg.valid_groups, cfg.test_groups
         if valid_groups is None and test_groups is None and {p.group for p in pairs} >= set(
                 BIBLE_VALID_BOOKS + BIBLE_TEST_BOOKS):
             valid_groups, test_groups = list(BIBLE_VALID_BOOKS), list(BIBLE_TEST_BOOKS)
         self.train_pairs, self.valid_pairs, self.test_pairs = split_pairs(
             pairs, valid_groups, test_groups, seed=cfg.seed)
-        self.held_out = {"valid": sorted({p.group for p in self.valid_pairs}),
-                         "test": sorted({p.group for p in self.test_pairs})}
+        self.held_out = {"valid": sorted({p.group for p in self.valid_pairs}, key=_natural),
+                         "test": sorted({p.group for p in self.test_pairs}, key=_natural)}
         self.tokenizer = self._prepare_tokenizer(tokenizer)
         self.train_encoded = self._encode(self.train_pairs, drop_long=True)
         self.valid_encoded = self._encode(self.valid_pairs, drop_long=False)
@@ -184,19 +275,17 @@ class TranslationTrainer(TrainingRun):
         self._epochs: list[list[list[int]]] = []  # micro-batches of each epoch, made on demand
         self.config = seq2seq_config(preset, self.tokenizer, cfg.seq_len)
         self.build_model(lambda: Translator(self.config), self.config.to_dict())
+        self.notes.append(self.data_summary())
 
     # -- data --
     def _prepare_tokenizer(self, path: str | None) -> Tokenizer:
-        target = self.run_dir / "tokenizer.json"
-        if self.d.main and not target.is_file():
-            if path:
-                tokenizer = Tokenizer.load(path)
-            else:
-                texts = [t for p in self.train_pairs for t in (p.source, p.target)]
-                tokenizer = Tokenizer.train(texts=texts, vocab_size=self.cfg.vocab_size, lowercase=False, kind="bpe")
-            tokenizer.save(target)
-        self.d.barrier()
-        return Tokenizer.load(target, max_len=self.cfg.seq_len)
+        def train() -> Tokenizer:  # one joint BPE vocabulary for both languages
+            texts = [t for p in self.train_pairs for t in (p.source, p.target)]
+            return Tokenizer.train(texts=texts, vocab_size=self.cfg.vocab_size, lowercase=False, kind="bpe")
+
+        tokenizer, note = prepare_tokenizer(self.run_dir, self.d, path, train, self.cfg.seq_len)
+        self.notes.append(note)
+        return tokenizer
 
     def _encode(self, pairs: list[Pair], drop_long: bool) -> list[tuple[Encoded, Encoded]]:
         src = self.tokenizer.tokenize([p.source for p in pairs])
@@ -300,7 +389,21 @@ class TranslationTrainer(TrainingRun):
 
     def describe(self) -> dict:
         return {"train_pairs": len(self.train_encoded), "dropped_long_pairs": len(self.train_pairs) - len(self.train_encoded),
-                "valid_pairs": len(self.valid_pairs), "test_pairs": len(self.test_pairs), "held_out": self.held_out}
+                "valid_pairs": len(self.valid_pairs), "test_pairs": len(self.test_pairs), "held_out": self.held_out,
+                "skipped_empty_pairs": self.skipped_pairs}
+
+    def data_summary(self) -> str:
+        """What is trained on and what is held out, in a line or two for people."""
+        d = self.describe()
+        text = (f"training on {d['train_pairs']} pairs; held out for validation: {d['valid_pairs']} pairs "
+                f"({_first_few(d['held_out']['valid'])}); for the test: {d['test_pairs']} pairs "
+                f"({_first_few(d['held_out']['test'])})")
+        notes = []
+        if d["skipped_empty_pairs"]:
+            notes.append(f"skipped {d['skipped_empty_pairs']} rows with an empty source or target cell")
+        if d["dropped_long_pairs"]:
+            notes.append(f"left out {d['dropped_long_pairs']} training pairs longer than {self.cfg.seq_len} tokens")
+        return "\n".join([text, "; ".join(notes)] if notes else [text])
 
     def export(self) -> None:
         export_translator(self.run_dir, self.model, self.tokenizer, self.cfg.seq_len,
@@ -312,7 +415,7 @@ class TranslationTrainer(TrainingRun):
 def export_translator(folder: Path, model: Translator, tokenizer: Tokenizer, max_len: int, description: str) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     atomic_save_tensors(folder / WEIGHTS_FILE, {k: v.float() for k, v in unique_state(model).items()})
-    atomic_write(folder / "tokenizer.json", lambda tmp: tokenizer.save(tmp))
+    tokenizer.save(folder / "tokenizer.json")
     meta = {"seq2seq": model.config.to_dict(), "max_len": max_len, "bos": CLS, "eos": SEP,
             "description": description}
     atomic_write_text(folder / TRANSLATOR_CONFIG, json.dumps(meta, indent=2) + "\n")
@@ -350,8 +453,8 @@ def load_translator(folder: str | Path) -> TranslatorPipeline:
     if tokenizer.vocab_size != config.encoder.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"embedding has {config.encoder.vocab_size} rows.")
-    model = Translator(config)
-    load_state_strict(model, with_aliases(read_safetensors(folder / WEIGHTS_FILE), model), str(folder / WEIGHTS_FILE))
+    n_layers = config.encoder.n_layers + (config.n_decoder_layers or config.encoder.n_layers)
+    model = load_model(lambda: Translator(config), folder / WEIGHTS_FILE, n_layers, with_aliases)
     return TranslatorPipeline(model.eval(), tokenizer, max_len, meta.get("description", ""))
 
 
