@@ -167,6 +167,11 @@ def test_train_tokenizer_on_a_bad_corpus_is_one_line(tmp_path, content, words):
     assert not (tmp_path / "tok" / "tokenizer.json").exists()
 
 
+def test_a_bare_ctxvec_prints_the_help():
+    proc = subprocess.run([sys.executable, "-m", "ctxvec"], capture_output=True, text=True)
+    assert (proc.stdout + proc.stderr).startswith("Usage: ") and "Commands:" in proc.stdout + proc.stderr
+
+
 def test_running_out_of_memory_is_one_line(tiny_model, monkeypatch):
     from ctxvec.encoder import Encoder
 
@@ -177,7 +182,7 @@ def test_running_out_of_memory_is_one_line(tiny_model, monkeypatch):
     monkeypatch.setattr(Encoder, "forward", allocate)
     result = CliRunner().invoke(main, ["encode", "x", "--model", str(tiny_model)])
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert result.output.startswith("Error: out of memory (") and "lower --batch-tokens" in result.output
+    assert result.output.startswith("Error: out of memory (") and "a smaller --batch-tokens" in result.output
     assert len(result.output.strip().splitlines()) == 1
 
 

@@ -38,6 +38,7 @@ def test_defaults_are_the_seed_design():
     ({"type_vocab_size": -1}, "type_vocab_size must be a non-negative integer"),
     ({"type_vocab_size": 2.0}, "type_vocab_size must be a non-negative integer"),
     ({"n_layers": True}, "n_layers must be a positive integer"),
+    ({"max_len": 10**9}, "max_len must be at most 65,536 positions"),
 ])
 def test_invalid_configs_raise_a_clear_sentence(changes, words):
     with pytest.raises(ValueError, match="Invalid EncoderConfig") as err:

@@ -180,6 +180,7 @@ def test_a_file_size_limit_is_a_one_line_error_before_any_work(tmp_path, tiny_mo
     assert proc.returncode == 1
     assert str(out) in message and "384.1 kB" in message and "file size limit" in message
     assert _leftovers(tmp_path, {"in.txt"}) == []  # no partial file, no lock left behind
+    # nothing was kept, so the same command with --resume (as a scheduler would rerun it) starts over
     again = subprocess.run(_embed_command(src, out, tiny_model, "--resume"), capture_output=True, text=True)
     assert again.returncode == 0, again.stderr
     assert np.load(out).shape == (3000, 32)
@@ -233,28 +234,6 @@ def test_a_disk_that_fills_mid_way_keeps_the_work_for_resume(tmp_path, tiny_mode
 
 
 # ---- two jobs, one output -----------------------------------------------------------------------
-
-@pytest.mark.slow
-def test_a_second_job_on_the_same_output_is_refused_at_once(tmp_path, tiny_model, resume_case):
-    """Before: both ran; the first reported success for a file holding the second's vectors."""
-    src, reference = resume_case
-    other = tmp_path / "other.txt"
-    _corpus(other, 300)
-    out = tmp_path / "v.npy"
-    first = subprocess.Popen(_embed_command(src, out, tiny_model), stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True)
-    _wait_for_progress(tmp_path / ".v.npy.progress.json", first, 100)
-    second = subprocess.run(_embed_command(other, out, tiny_model), capture_output=True, text=True)
-    message = _one_line_error(second)
-    assert f"another job (process {first.pid}) is writing {out}" in message
-    stdout, stderr = first.communicate(timeout=300)
-    assert first.returncode == 0, stderr
-    assert f"embedded {len(reference)} texts" in stdout
-    assert np.array_equal(np.load(out), reference)  # the first job's vectors, as it reported
-    assert _leftovers(tmp_path, {"other.txt", "v.npy"}) == []  # the lock is gone with the job
-    third = subprocess.run(_embed_command(other, out, tiny_model), capture_output=True, text=True)
-    assert third.returncode == 0, third.stderr
-
 
 # ---- pipes ---------------------------------------------------------------------------------------
 
@@ -345,3 +324,108 @@ def test_bad_json_lines_name_the_file_and_line(tmp_path, tiny_model, line, words
     src.write_text('{"text": "a"}\n{"text": "b"}\n' + line + "\n")
     proc = subprocess.run(_embed_command(src, tmp_path / "v.npy", tiny_model), capture_output=True, text=True)
     assert f"{src}, {words}" in _one_line_error(proc)
+
+
+# ---- two jobs, one output -----------------------------------------------------------------------
+
+def test_a_second_job_on_the_same_output_is_refused_at_once(tmp_path, tiny_model, piped_case):
+    """Before: both ran; the first reported success for a file holding the second's vectors.
+    The first job here reads a FIFO that stays open: it holds the lock while the second starts."""
+    src, reference = piped_case
+    other, out, fifo = tmp_path / "other.txt", tmp_path / "v.npy", tmp_path / "fifo"
+    _corpus(other, 30)
+    os.mkfifo(fifo)
+    first = subprocess.Popen(_embed_command(fifo, out, tiny_model), stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    with open(fifo, "wb") as writer:  # returns once the first job, holding the lock, reads the FIFO
+        second = subprocess.run(_embed_command(other, out, tiny_model), capture_output=True, text=True)
+        writer.write(src.read_bytes())
+    assert second.returncode == 1
+    assert second.stderr.strip() == (f"Error: another job (process {first.pid}) is writing {out}; wait for it "
+                                     "to finish, or choose another output.")
+    stdout, stderr = first.communicate(timeout=120)
+    assert first.returncode == 0, stderr
+    assert f"embedded {len(reference)} texts" in stdout
+    assert np.array_equal(np.load(out), reference)  # the first job's vectors, as it reported
+    assert _leftovers(tmp_path, {"other.txt", "v.npy", "fifo", "in.txt", "reference.npy"}) == []
+    third = subprocess.run(_embed_command(other, out, tiny_model), capture_output=True, text=True)
+    assert third.returncode == 0, third.stderr
+
+
+def test_errors_before_the_job_starts_are_one_line_on_stderr(tmp_path, tiny_model):
+    """Before this was checked, the progress bar was drawn before the input was opened."""
+    proc = subprocess.run(_embed_command(tmp_path / "missing.txt", tmp_path / "v.npy", tiny_model),
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and proc.stderr == f"Error: {tmp_path / 'missing.txt'}: no such file.\n"
+
+
+def test_a_lock_that_cannot_be_made_names_the_output(tmp_path, tiny_model, monkeypatch):
+    import ctxvec.checkpoint as checkpoint
+
+    src, out = tmp_path / "in.txt", tmp_path / "ro" / "v.npy"
+    _corpus(src, 10)
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(checkpoint.os, "open", read_only)
+    with pytest.raises(OutputError, match=rf"^cannot lock {out}: read-only file system\.$"):
+        embed_file(ctxvec.load(tiny_model), src, out)
+
+
+# ---- nothing to resume, nothing kept ------------------------------------------------------------
+
+def test_an_interruption_before_the_first_chunk_keeps_nothing(tmp_path, tiny_model):
+    """Before: a full-size .partial stayed, and the message suggested --resume."""
+    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
+    _corpus(src, 50)
+    with pytest.raises(EmbedInterrupted, match="before the first chunk of 50 texts was done; nothing was kept: "
+                                               "run the command again"):
+        embed_file(ctxvec.load(tiny_model), src, out, chunk_size=10, on_progress=_stop_after(0))
+    assert _leftovers(tmp_path, {"in.txt"}) == []
+
+
+def test_a_full_disk_in_the_first_chunk_keeps_nothing(tmp_path, tiny_model, monkeypatch):
+    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
+    _corpus(src, 50)
+    real_pwrite, writes = os.pwrite, []
+
+    def pwrite(fd, data, offset):
+        writes.append(offset)
+        if len(writes) == 2:  # the header, then the first chunk
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_pwrite(fd, data, offset)
+
+    monkeypatch.setattr(os, "posix_fallocate", lambda *a: (_ for _ in ()).throw(OSError(errno.EOPNOTSUPP, "")))
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    with pytest.raises(OutputError, match="no space left on the device .* nothing was kept: make room on the "
+                                          "disk and run the command again"):
+        embed_file(ctxvec.load(tiny_model), src, out, chunk_size=10)
+    assert _leftovers(tmp_path, {"in.txt"}) == []
+
+
+def test_a_pipe_too_big_to_copy_is_one_line(tmp_path, tiny_model):
+    src = tmp_path / "in.txt"
+    _corpus(src, 3000)
+    command = _embed_command("-", tmp_path / "v.npy", tiny_model)
+    with open(src, "rb") as stdin:
+        proc = subprocess.run(command, stdin=stdin, capture_output=True, text=True,
+                              preexec_fn=_limit_file_size(50_000))
+    assert proc.returncode == 1 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"Error: cannot keep a copy of standard input in {tmp_path} (file too large")
+    assert _leftovers(tmp_path, {"in.txt"}) == []
+
+
+def test_json_lines_from_a_pipe_need_a_format(tmp_path, tiny_model, piped_case):
+    """Before: a pipe has no suffix, so its JSON lines were embedded as raw text without a word."""
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "light"}\n{"text": "day"}\n')
+    with open(src, "rb") as stdin:
+        proc = subprocess.run(_embed_command("-", tmp_path / "v.npy", tiny_model), stdin=stdin,
+                              capture_output=True, text=True)
+    assert "standard input looks like JSON lines" in _one_line_error(proc) and "--format jsonl" in proc.stderr
+    with open(src, "rb") as stdin:
+        proc = subprocess.run(_embed_command("-", tmp_path / "v.npy", tiny_model, "--format", "jsonl"),
+                              stdin=stdin, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert np.array_equal(np.load(tmp_path / "v.npy"), ctxvec.load(tiny_model).embed(["light", "day"]))

@@ -304,6 +304,19 @@ def _minilm_copy(folder: Path) -> Path:
     return folder
 
 
+def test_a_ctxvec_folder_asking_for_a_billion_positions_is_refused_at_once(tmp_path, tiny_model):
+    """Before: sinusoidal positions are not in the weights file, so the table of 10^9 positions
+    was computed (8 GB, 13 s) before an out-of-memory error."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in tiny_model.iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    meta = json.loads((folder / "ctxvec.json").read_text())
+    meta["encoder"]["max_len"] = 10**9
+    (folder / "ctxvec.json").write_text(json.dumps(meta))
+    assert "max_len must be at most 65,536 positions" in one_line_error(cli("encode", "x", "--model", str(folder)))
+
+
 @pytest.mark.parametrize("spoil, words", [
     (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json: no such file"),
     (lambda f: (f / "modules.json").write_text('{"type": "Pooling"}'), "modules.json must hold a JSON list, not a dict"),
@@ -311,7 +324,7 @@ def _minilm_copy(folder: Path) -> Path:
     (lambda f: (f / "modules.json").write_text("[" * 50_000), "cannot read"),
     (lambda f: _edit_json(f / "config.json", vocab_size=10**12),
      "embeddings.tokens.weight has shape (30522, 384), the model expects (1000000000000, 384)"),
-    (lambda f: _edit_json(f / "config.json", max_position_embeddings=10**12), "the model expects (1000000000000, 384)"),
+    (lambda f: _edit_json(f / "config.json", max_position_embeddings=10**12), "max_len must be at most 65,536"),
     (lambda f: _edit_json(f / "config.json", num_hidden_layers=10**9), "holds 104 tensors, too few for the 1000000000 layers"),
     (lambda f: _edit_json(f / "config.json", intermediate_size=10**11), "the model expects (100000000000, 384)"),
 ], ids=["no tokenizer", "modules not a list", "modules entry", "modules nested", "vocab 10^12", "positions 10^12",

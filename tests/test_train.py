@@ -14,6 +14,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from click.testing import CliRunner
+
 from ctxvec.checkpoint import load_checkpoint
 from ctxvec.cli import main
 from ctxvec.config import EncoderConfig
@@ -168,8 +170,6 @@ def test_two_runs_with_the_same_seed_are_identical_with_a_tokenizer_trained_each
 
 
 def _train_cli(corpus: Path, run: Path, config: str, *extra: str):
-    from click.testing import CliRunner
-
     args = ["train", str(corpus), "--out", str(run), "--config", config, "--batch-tokens", "256", "--seq-len", "32",
             "--warmup", "1", "--eval-every", "2", "--save-every", "2", "--vocab-size", "200", *extra]
     return CliRunner().invoke(main, args)
@@ -208,15 +208,44 @@ def test_a_tokenizer_already_in_the_run_folder_is_named(tmp_path, corpus, tokeni
 
 
 def test_a_second_training_on_the_same_run_folder_is_refused(tmp_path, corpus):
-    from ctxvec.checkpoint import exclusive_lock
+    from ctxvec.train import lock_run
 
     run = tmp_path / "run"
     run.mkdir()
-    with exclusive_lock(run, "--out"):
+    with lock_run(run):
         result = _train_cli(corpus, run, tiny_config_file(tmp_path, 0.0), "--steps", "1")
     assert result.exit_code == 1
     assert f"another job (process {os.getpid()}) is writing {run}; wait for it to finish, or choose another --out" \
         in result.output
+
+
+def test_a_run_in_the_current_folder_and_its_files_follow_the_umask(tmp_path, corpus):
+    """Before: safetensors files came out 0600 whatever the umask (the library renames a private
+    temporary file of its own onto the target), and a lock beside ``--out .`` had no name."""
+    run = tmp_path / "run"
+    run.mkdir()
+    args = [sys.executable, "-m", "ctxvec", "train", str(corpus), "--out", ".", "--config",
+            tiny_config_file(tmp_path, 0.0), "--steps", "2", "--batch-tokens", "256", "--seq-len", "32",
+            "--warmup", "1", "--eval-every", "2", "--save-every", "2", "--vocab-size", "200", "--threads", "1"]
+    proc = subprocess.run(args, cwd=run, capture_output=True, text=True, preexec_fn=lambda: os.umask(0o022))
+    assert proc.returncode == 0, proc.stderr
+    files = [p for p in run.rglob("*") if p.is_file()]
+    assert {p.name for p in files} >= {"model.safetensors", "optimizer.safetensors", "rng.safetensors",
+                                       "tokenizer.json", "ctxvec.json", "metrics.jsonl", "latest.json"}
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files} == {p.name: "0o644" for p in files}
+    assert all(p.stat().st_mode & 0o777 == 0o755 for p in run.rglob("*") if p.is_dir())
+
+
+def test_plot_skips_a_line_torn_by_a_crash_and_names_a_bad_one(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    good = "".join(json.dumps({"step": s, "loss": 4.0 / s}) + "\n" for s in range(1, 5))
+    (run / "metrics.jsonl").write_text('{"event": "start"}\n' + good + '{"step": 5, "lo')
+    result = CliRunner().invoke(main, ["plot", str(run)])
+    assert result.exit_code == 0 and (run / "loss.png").is_file()
+    (run / "metrics.jsonl").write_text(good + "not json\n" + good)
+    result = CliRunner().invoke(main, ["plot", str(run)])
+    assert result.exit_code == 1 and f"{run / 'metrics.jsonl'}, line 5: not JSON." in result.output
 
 
 CHILD = textwrap.dedent("""

@@ -110,14 +110,30 @@ def atomic_write(path: str | Path, write) -> None:
 
 
 @contextlib.contextmanager
-def exclusive_lock(target: Path, what: str) -> Iterator[None]:
-    """Hold ``.NAME.lock`` beside ``target`` for the duration (``fcntl.flock``, never waits).
+def exclusive_lock(target: Path, what: str, lock: Path | None = None) -> Iterator[None]:
+    """Hold a lock on ``target`` for the duration (``fcntl.flock``, never waits).
 
-    A second job on the same target is refused at once instead of racing the first one. The
-    lock file is removed when the job ends; an inode check makes sure a job never holds a lock
-    file another job has just removed.
+    The lock file is ``lock``, by default ``.NAME.lock`` beside ``target`` (a folder locks a
+    file inside itself). A second job on the same target is refused at once instead of racing
+    the first one. The lock file is removed when the job ends; an inode check makes sure a job
+    never holds a lock file another job has just removed. Errors name ``target``, never the
+    hidden lock file.
     """
-    lock = target.with_name(f".{target.name}.lock")
+    lock = lock or target.with_name(f".{target.name}.lock")
+    try:
+        fd = _acquire(lock, target, what)
+    except OSError as err:
+        raise write_error(target, err, "cannot lock") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+def _acquire(lock: Path, target: Path, what: str) -> int:
     while True:
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
         try:
@@ -133,15 +149,8 @@ def exclusive_lock(target: Path, what: str) -> Iterator[None]:
         except FileNotFoundError:
             same = False
         if same:
-            break
+            return fd
         os.close(fd)  # the previous holder removed this file after we opened it: start again
-    try:
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -155,8 +164,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file``, with its I/O failures raised as ``OSError`` (errno kept)."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT, 0o666))
+    mode = os.stat(path).st_mode & 0o777  # what the umask gives a new file
     try:
         save_file(contiguous, str(path), metadata=metadata)
+        os.chmod(path, mode)  # safetensors renames a 0600 temporary file of its own onto ``path``
     except SafetensorError as err:  # "... I/O error: File too large (os error 27)"
         code = re.search(r"\(os error (\d+)\)", str(err))
         if code is None:
@@ -228,8 +240,8 @@ def save_checkpoint(run: Path, step: int, tensors: dict[str, dict[str, torch.Ten
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     tmp = root / f".{final.name}.{secrets.token_hex(4)}.tmp"
-    os.mkdir(tmp, 0o777)  # the umask applies, as to any folder (mkdtemp would make it 0700)
     try:
+        os.mkdir(tmp, 0o777)  # the umask applies, as to any folder (mkdtemp would make it 0700)
         for name, group in tensors.items():
             save_tensors(group, tmp / f"{name}.safetensors")
             _fsync_file(tmp / f"{name}.safetensors")

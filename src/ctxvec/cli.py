@@ -20,6 +20,8 @@ from ctxvec.pipeline import DEFAULT_BATCH_TOKENS
 from ctxvec.runtime import PRECISIONS, set_threads
 
 OUTPUT_SUFFIXES = (".npy", ".npz", ".json")
+# click 8.2+ raises it for a bare `ctxvec`, to print the help (not an error to flatten)
+NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())
 
 
 class UsageError(click.ClickException):
@@ -43,6 +45,8 @@ def _errors_as_one_line():
     """
     try:
         yield
+    except NoArgsIsHelpError:
+        raise  # bare `ctxvec`: click prints the help
     except click.UsageError as err:
         where = err.ctx.command_path if err.ctx is not None else "ctxvec"
         raise UsageError(_one_line(f"{err.format_message()} (see `{where} --help`)")) from None
@@ -56,8 +60,8 @@ def _errors_as_one_line():
         if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
             raise
         detail = _one_line(str(err))[-160:]
-        raise click.ClickException(f"out of memory ({detail or 'MemoryError'}); lower --batch-tokens "
-                                   "or the size of the job.") from None
+        raise click.ClickException(f"out of memory ({detail or 'MemoryError'}); a smaller job, or a "
+                                   "smaller --batch-tokens where the command has one, needs less.") from None
 
 
 class Commands(click.Group):
@@ -198,16 +202,21 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
     name = "standard input" if str(file) == STDIN else str(file)
     pipeline = _load(model, precision, threads)
-    bar = tqdm(unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True)
+    bars: list[tqdm] = []  # made when the job starts: an error before it stays one line
 
     def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.update(done - bar.n)
+        if not bars:
+            bars.append(tqdm(total=total, unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True))
+        bars[0].update(done - bars[0].n)
 
     try:
-        with bar, _signals_as_interrupt():
-            result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
-                                strict=strict, resume=resume, chunk_size=chunk_size, on_progress=progress)
+        with _signals_as_interrupt():
+            try:
+                result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
+                                    strict=strict, resume=resume, chunk_size=chunk_size, on_progress=progress)
+            finally:
+                for bar in bars:
+                    bar.close()
     except EmbedInterrupted as err:
         click.echo(f"Error: {err}", err=True)
         raise SystemExit(130) from None
@@ -331,13 +340,13 @@ def _relaunch_under_torchrun(nproc: int) -> None:
 def _run_training(make_trainer, run: Path, threads: int | None) -> None:
     """Build the trainer and train, with the run folder locked against a second job (process 0
     holds the lock; the others follow it)."""
-    from ctxvec.checkpoint import exclusive_lock
+    from ctxvec.train import lock_run
 
     set_threads(threads)
     main_process = int(os.environ.get("RANK", "0")) == 0
     if main_process:
         run.mkdir(parents=True, exist_ok=True)
-    with exclusive_lock(run, "--out") if main_process else contextlib.nullcontext():
+    with lock_run(run) if main_process else contextlib.nullcontext():
         trainer = make_trainer()
         if trainer.d.main:
             for note in trainer.notes:

@@ -13,6 +13,7 @@ Activation = Literal["relu", "gelu"]
 Position = Literal["sinusoidal", "learned"]
 
 ACTIVATIONS: tuple[str, ...] = ("relu", "gelu")
+MAX_POSITIONS = 65_536  # the longest position table a config may ask for
 POSITIONS: tuple[str, ...] = ("sinusoidal", "learned")
 
 
@@ -58,6 +59,9 @@ class EncoderConfig:
         for name in ("vocab_size", "d_model", "n_heads", "d_ff", "n_layers", "max_len"):
             value = getattr(self, name)
             need(is_int(value) and value > 0, f"{name} must be a positive integer, got {value!r}.")
+        need(self.max_len <= MAX_POSITIONS,
+             f"max_len must be at most {MAX_POSITIONS:,} positions, got {self.max_len:,} (the position "
+             "table has a row for each).")
         need(
             self.d_model % self.n_heads == 0,
             f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads}) so that "

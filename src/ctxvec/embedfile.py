@@ -77,8 +77,10 @@ class EmbedInterrupted(Exception):
     """The job stopped early (a signal); the partial output is kept for ``resume``."""
 
     def __init__(self, done: int, total: int) -> None:
-        super().__init__(f"interrupted after {done} of {total} texts; run the same command with "
-                         "--resume to continue.")
+        super().__init__(f"interrupted after {done} of {total} texts; run the same command with --resume to "
+                         "continue." if done else
+                         f"interrupted before the first chunk of {total} texts was done; nothing was kept: "
+                         "run the command again.")
         self.done, self.total = done, total
 
 
@@ -118,6 +120,10 @@ def embed_file(pipeline: Pipeline, path: str | Path, output: str | Path, *, fmt:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size!r}.")
     output.parent.mkdir(parents=True, exist_ok=True)
     with exclusive_lock(output, "output"), open_texts(path, spool_dir=output.parent) as source:
+        if fmt == "auto" and source.piped and source.looks_like_json_lines():  # no suffix to go by
+            raise InputFileError(f'{source.name} looks like JSON lines (its first line is an object with a '
+                                 '"text" field): say --format jsonl, or --format text to embed the lines as '
+                                 "they are.")
         key = JobKey(source.digest, source.n_texts, pipeline.name, pipeline.precision, pipeline.dim,
                      resolve_format(source.name, fmt), strict, batch_tokens, chunk_size)
         job = PartialOutput(output, key)
@@ -254,9 +260,11 @@ class PartialOutput:
             os.fsync(self.fd)  # the vectors reach the disk before the progress record says so
             atomic_write_text(self.progress, json.dumps(state) + "\n")
         except OSError as err:
-            error = write_error(self.output, err)
-            raise OutputError(f"{error} {row} of {self.key.n_texts} texts are saved: free some space "
-                              "and run the same command with --resume to continue.") from None
+            fix = {errno.ENOSPC: "make room on the disk", errno.EFBIG: "raise the file size limit"}.get(
+                err.errno, "fix that")
+            then = (f"{row} of {self.key.n_texts} texts are saved: {fix} and run the same command with --resume "
+                    "to continue." if row else f"nothing was kept: {fix} and run the command again.")
+            raise OutputError(f"{write_error(self.output, err)} {then}") from None
 
     def finish(self) -> None:
         os.close(self.fd)
@@ -295,14 +303,14 @@ class _Job:
         if kind is None:
             self.job.finish()
             return False
-        if kind is KeyboardInterrupt:
-            self.job.close()
-            done = json.loads(self.job.progress.read_text())["done"] if self.job.progress.exists() else 0
-            raise EmbedInterrupted(done, self.job.key.n_texts) from None
-        if isinstance(error, OutputError) and self.job.progress.exists():
-            self.job.close()  # the finished chunks stay, for --resume once there is room
+        saved = self.job.progress.exists()  # a chunk is done: there is something to resume
+        if saved and (kind is KeyboardInterrupt or isinstance(error, OutputError)):
+            self.job.close()  # the finished chunks stay, for --resume (once there is room)
         else:
             self.job.discard()
+        if kind is KeyboardInterrupt:
+            done = json.loads(self.job.progress.read_text())["done"] if saved else 0
+            raise EmbedInterrupted(done, self.job.key.n_texts) from None
         return False
 
 

@@ -64,7 +64,10 @@ def load_seed() -> Pipeline:
 
 def load_huggingface(folder: Path, name: str | None = None, description: str = "") -> Pipeline:
     """A BERT-family Hugging Face / sentence-transformers folder."""
-    config = bert_config(read_json(folder / "config.json")).replace(dropout=0.0)
+    try:
+        config = bert_config(read_json(folder / "config.json")).replace(dropout=0.0)
+    except ValueError as err:
+        raise ValueError(str(err) if str(folder) in str(err) else f"{folder / 'config.json'}: {err}") from None
     encoder = load_model(lambda: Encoder(config), folder / WEIGHTS_FILE, config.n_layers,
                          lambda tensors, _: bert_state_dict(tensors, config))
     tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=sentence_max_len(folder, config))
@@ -81,6 +84,8 @@ def load_ctxvec(folder: Path, name: str | None = None) -> Pipeline:
         max_len = int(meta["max_len"])
     except (KeyError, TypeError) as err:
         raise ValueError(f"{folder / CTXVEC_CONFIG} lacks {err}.") from None
+    except ValueError as err:
+        raise ValueError(f"{folder / CTXVEC_CONFIG}: {err}") from None
     encoder = load_model(lambda: Encoder(config), folder / WEIGHTS_FILE, config.n_layers)
     tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=max_len)
     return Pipeline(tokenizer, encoder, pooling, name=name or str(folder),

@@ -17,8 +17,18 @@ def read_metrics(run: Path, key: str | None = None) -> tuple[dict[int, float], d
     if not path.is_file():
         raise ValueError(f"{run} has no metrics.jsonl: is it a training run folder?")
     train, held = {}, {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        record = json.loads(line)
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            if number == len(lines):
+                break  # the last line, torn by a crash in the middle of its append: skipped
+            raise ValueError(f"{path}, line {number}: not JSON.") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}, line {number}: a JSON object is expected.")
+        if not isinstance(record.get("step"), int):
+            continue  # the run's opening record (its settings and data) has no step
         if "loss" in record:
             train[record["step"]] = record["loss"]
         if (key or "eval_loss") in record:

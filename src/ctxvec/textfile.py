@@ -65,6 +65,16 @@ class TextSource:
     digest: str
     piped: bool
 
+    def looks_like_json_lines(self) -> bool:
+        """Whether the first line is a JSON object with a "text" field."""
+        self.file.seek(0)
+        first = self.file.readline(_BLOCK).strip()
+        try:
+            record = json.loads(first) if first.startswith(b"{") else None
+        except (ValueError, RecursionError):
+            return False
+        return isinstance(record, dict) and "text" in record
+
     def texts(self, fmt: FileFormat, digest: hashlib.blake2b | None = None) -> Iterator[str]:
         """Every text from the first line on; ``digest`` (if given) is fed every byte read."""
         self.file.seek(0)
@@ -83,7 +93,7 @@ def open_texts(path: str | Path, spool_dir: Path | None = None) -> Iterator[Text
     """
     if str(path) == STDIN:
         with tempfile.TemporaryFile(dir=spool_dir) as copy:
-            n, digest = _scan(sys.stdin.buffer, copy)
+            n, digest = _scan(sys.stdin.buffer, copy, "standard input", spool_dir)
             yield TextSource("standard input", copy, n, digest, piped=True)
         return
     path = Path(path)
@@ -94,22 +104,35 @@ def open_texts(path: str | Path, spool_dir: Path | None = None) -> Iterator[Text
             yield TextSource(str(path), f, n, digest, piped=False)
             return
         with tempfile.TemporaryFile(dir=spool_dir) as copy:
-            n, digest = _scan(f, copy)
+            n, digest = _scan(f, copy, str(path), spool_dir)
             yield TextSource(str(path), copy, n, digest, piped=True)
 
 
-def _scan(f: BinaryIO, copy: BinaryIO | None = None) -> tuple[int, str]:
+def _scan(f: BinaryIO, copy: BinaryIO | None = None, name: str = "", spool_dir: Path | None = None
+          ) -> tuple[int, str]:
     """(lines, blake2b hex digest) of everything ``f`` holds, written to ``copy`` if given."""
-    n, last, digest = 0, b"\n", hashlib.blake2b(digest_size=20)
+    n, last, size, digest = 0, b"\n", 0, hashlib.blake2b(digest_size=20)
     for block in iter(lambda: f.read(_BLOCK), b""):
         n += block.count(b"\n")
         last = block[-1:]
+        size += len(block)
         digest.update(block)
         if copy is not None:
-            copy.write(block)
+            _spool(copy, block, name, spool_dir, size)
     if copy is not None:
-        copy.flush()
+        _spool(copy, b"", name, spool_dir, size)
     return n + (last != b"\n"), digest.hexdigest()
+
+
+def _spool(copy: BinaryIO, block: bytes, name: str, spool_dir: Path | None, size: int) -> None:
+    try:
+        copy.write(block)
+        copy.flush()
+    except OSError as err:
+        folder = spool_dir or Path(tempfile.gettempdir())
+        raise InputFileError(f"cannot keep a copy of {name} in {folder} ({(err.strerror or str(err)).lower()}, "
+                             f"after {size:,} bytes): a piped input is copied to disk to be counted and read "
+                             "again; make room there, or give a regular file.") from None
 
 
 def _hashed(lines: Iterable[bytes], digest: hashlib.blake2b) -> Iterator[bytes]:

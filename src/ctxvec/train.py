@@ -29,7 +29,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ctxvec.checkpoint import (
-    atomic_save_tensors, atomic_write_text, load_checkpoint, optimizer_from_tensors,
+    atomic_save_tensors, atomic_write_text, exclusive_lock, load_checkpoint, optimizer_from_tensors,
     optimizer_to_tensors, save_checkpoint, unique_state, with_aliases)
 from ctxvec.config import EncoderConfig
 from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
@@ -142,6 +142,11 @@ def model_config(preset: str, tokenizer: Tokenizer, seq_len: int, presets: dict 
         raise ValueError(f"unknown --config {preset!r}: use {', '.join(presets)} or an EncoderConfig JSON file.")
     return base.replace(vocab_size=tokenizer.vocab_size, pad_id=tokenizer.pad_id,
                         max_len=max(base.max_len, seq_len))
+
+
+def lock_run(run: Path):
+    """A context that holds the run folder against a second training (process 0 holds it)."""
+    return exclusive_lock(run, "--out", lock=run / ".ctxvec.lock")
 
 
 def prepare_tokenizer(run: Path, d: Dist, path: str | None, train: Callable[[], Tokenizer], max_len: int
