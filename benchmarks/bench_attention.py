@@ -3,9 +3,9 @@
 For each sequence length T (batches of ~1,024 tokens, a few padded rows, as the encoder's
 length-sorted batches have), times one attention step of MiniLM's shape (12 heads x 32) and the
 seed's (8 x 64), fp32 and bf16 where it is native, by:
-  - ctxvec.attention.batched_attention (two batched matmuls around an fp32 softmax),
+  - ctxvec.engine.attention.batched_attention (two batched matmuls around an fp32 softmax),
   - torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
-  - ctxvec.attention.attention (the eager function that also returns the probabilities),
+  - ctxvec.model.attention.attention (the eager function that also returns the probabilities),
 and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` is set from
 this table. Writes benchmarks/results/bench_attention.{json,md} (not BENCHMARKS.md).
 
@@ -26,9 +26,11 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_results  # noqa: E402
 
-from ctxvec.attention import FUSED_CPU_MIN_SCORES, attention, batched_attention  # noqa: E402
-from ctxvec.encoder import key_mask_from  # noqa: E402
-from ctxvec.runtime import native_bf16  # noqa: E402
+from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES  # noqa: E402
+
+from ctxvec.model.attention import attention  # noqa: E402
+from ctxvec.model.route import key_mask_from  # noqa: E402
+from ctxvec.engine.runtime import native_bf16  # noqa: E402
 
 LENGTHS = [8, 16, 32, 64, 128, 256, 384, 512]
 SHAPES = {"minilm (12 x 32)": (12, 32), "seed (8 x 64)": (8, 64)}

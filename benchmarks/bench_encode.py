@@ -41,7 +41,7 @@ import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
 from ctxvec.pipeline import (  # noqa: E402
     DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape)
-from ctxvec.pretrained import minilm_dir  # noqa: E402
+from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
 
 
 @dataclass

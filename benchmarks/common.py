@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ctxvec.config import EncoderConfig
+from ctxvec.model.config import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_WEB = ROOT.parent / "shared" / "data" / "web_en.txt"
@@ -66,9 +66,9 @@ def inference_flops(config: EncoderConfig, lengths) -> float:
 def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 5) -> dict[str, float]:
     """Measured GFLOP/s of the model's own GEMMs (QKV, out, FFN up, FFN down) at ``rows`` tokens,
     by PyTorch's two CPU routes: ``F.linear`` (MKL in fp32, oneDNN in bf16) and the oneDNN
-    linear on repacked weights that ``ctxvec.runtime.linear`` takes at inference. The machine's
+    linear on repacked weights that ``ctxvec.engine.linear`` takes at inference. The machine's
     limit is the better of the two (``max`` of the returned values)."""
-    from ctxvec.runtime import linear
+    from ctxvec.engine.linear import linear
 
     d, f = config.d_model, config.d_ff
     shapes = [(d, 3 * d), (d, d), (d, f), (f, d)]

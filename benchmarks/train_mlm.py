@@ -30,10 +30,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
 
-from ctxvec.config import EncoderConfig  # noqa: E402
-from ctxvec.data import Masking  # noqa: E402
-from ctxvec.mlm import MaskedLanguageModel  # noqa: E402
-from ctxvec.models import seed_tokenizer  # noqa: E402
+from ctxvec.model.config import EncoderConfig  # noqa: E402
+from ctxvec.train.mlm_data import Masking  # noqa: E402
+from ctxvec.train.mlm import MaskedLanguageModel  # noqa: E402
+from ctxvec.loading import seed_tokenizer  # noqa: E402
 from ctxvec.tokenizer import Tokenizer  # noqa: E402
 from ctxvec.train import Trainer, TrainConfig  # noqa: E402
 
@@ -47,7 +47,7 @@ PROBES = [  # held-out style sentences with one word to fill in
 
 
 def predictions(run: Path, tokenizer: Tokenizer) -> list[dict]:
-    from ctxvec.checkpoint import load_checkpoint
+    from ctxvec.weights.checkpoint import load_checkpoint
 
     _, tensors, meta = load_checkpoint(run)
     model = MaskedLanguageModel(EncoderConfig.from_dict(meta["model"])).eval()
@@ -139,7 +139,7 @@ def throughput(args) -> dict:
                         layer_norm_eps=1e-5, type_vocab_size=1, pad_token_id=tokenizer.pad_id)
     rng = np.random.default_rng(0)
     lines = SHARED_WEB.read_text(encoding="utf-8").splitlines()
-    from ctxvec.data import pack_sequences
+    from ctxvec.train.mlm_data import pack_sequences
     seqs = pack_sequences(tokenizer, [lines[i:i + 100] for i in range(0, 20000, 100)], 128)
     masking = Masking.for_tokenizer(tokenizer)
     batches = []

@@ -18,7 +18,6 @@ Writes benchmarks/results/train_translation.{json,md} and updates BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from pathlib import Path
@@ -28,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, write_results  # noqa: E402
 
-from ctxvec.decoder import Translator  # noqa: E402
-from ctxvec.plotting import plot_run  # noqa: E402
-from ctxvec.translation import (  # noqa: E402
-    TranslationConfig, TranslationTrainer, score_translations, translate_texts)
+from ctxvec.model.translator import Translator  # noqa: E402
+from ctxvec.train.plot import plot_run  # noqa: E402
+from ctxvec.translate.trainer import TranslationConfig, TranslationTrainer  # noqa: E402
+from ctxvec.translate.translator import score_translations, translate_texts  # noqa: E402
 
 PAIRS = ROOT.parent / "shared" / "data" / "bible_es_en.tsv"
 SHOWN = 6  # test sentences shown side by side

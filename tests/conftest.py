@@ -55,7 +55,7 @@ def config() -> EncoderConfig:
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     """A small ctxvec model folder (the shipped tokenizer, a 2-layer 32-wide encoder)."""
-    from ctxvec.models import save_pipeline, seed_tokenizer
+    from ctxvec.loading import save_pipeline, seed_tokenizer
     from ctxvec.pipeline import Pipeline
 
     tokenizer = seed_tokenizer(max_len=64)

@@ -6,11 +6,13 @@ import torch
 from torch.nn import functional as F
 
 from ctxvec import MultiHeadSelfAttention, attention
-from ctxvec.attention import TokenPacking, batched_attention
-from ctxvec.decoder import causal_key_mask
-from ctxvec.encoder import key_mask_from
+from ctxvec.engine.attention import batched_attention
+from ctxvec.engine.packing import TokenPacking
+from ctxvec.engine.route import FastRoute, PackedRoute
+from ctxvec.model.decoder import causal_key_mask
+from ctxvec.model.route import key_mask_from
 
-attention_module = importlib.import_module("ctxvec.attention")  # ctxvec.attention is the function
+attention_module = importlib.import_module("ctxvec.engine.attention")
 
 
 def _mask(lengths, T):
@@ -119,12 +121,12 @@ def test_every_attention_route_gives_the_same_output(seq_len, packed, monkeypatc
     real = _mask([seq_len, seq_len - 5, 3], seq_len)
     key_mask = key_mask_from(real)
     x = torch.randn(3, seq_len, 32)
-    packing = TokenPacking.from_mask(real, row_multiple=16) if packed else None
-    inputs = packing.pack(x) if packed else x
+    route = PackedRoute(real, "a test", row_multiple=16, onednn=False) if packed else FastRoute(real, "a test")
+    inputs = route.pack(x)
 
     def run(**kw):
-        out = mha(inputs, key_mask, packing=packing, **kw).output
-        return packing.unpack(out) if packed else out
+        out = mha(inputs, key_mask, route=route, **kw).output
+        return route.unpack(out)
 
     eager = run(return_probabilities=True)
     monkeypatch.setitem(attention_module.FUSED_CPU_MIN_SCORES, torch.float32, 10**9)

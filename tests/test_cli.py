@@ -95,7 +95,7 @@ def _embed(tmp_path, content: bytes, name="in.txt", *extra):
 
 
 def test_embed_writes_vectors_in_input_order_with_progress(tmp_path):
-    from ctxvec.models import load
+    from ctxvec.loading import load
 
     texts = ["a much longer first line about the heavens and the earth", "x", "", "my name is aj"]
     proc, out = _embed(tmp_path, "\r\n".join(texts).encode())  # CRLF, no final newline
@@ -173,7 +173,7 @@ def test_a_bare_ctxvec_prints_the_help():
 
 
 def test_running_out_of_memory_is_one_line(tiny_model, monkeypatch):
-    from ctxvec.encoder import Encoder
+    from ctxvec.model.encoder import Encoder
 
     def allocate(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not enough memory: "
@@ -198,9 +198,10 @@ def test_a_builtin_name_and_a_folder_of_that_name_say_which_was_loaded(tmp_path,
 
 def _writers(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], Path]]:
     """command line -> the file it writes, for every command that writes one."""
-    from ctxvec.decoder import Seq2SeqConfig, Translator
-    from ctxvec.models import seed_tokenizer
-    from ctxvec.translation import export_translator
+    from ctxvec.model.config import Seq2SeqConfig
+    from ctxvec.model.translator import Translator
+    from ctxvec.loading import seed_tokenizer
+    from ctxvec.translate.translator import export_translator
 
     from conftest import tiny_config
 
@@ -275,7 +276,7 @@ def test_files_follow_the_umask(writers, name):
     ("denied", "permission denied"),
 ])
 def test_write_failures_are_one_line_and_leave_nothing(tmp_path, tiny_model, monkeypatch, failure, words):
-    import ctxvec.checkpoint as checkpoint
+    import ctxvec.files as files
 
     code = {"read-only": errno.EROFS, "full": errno.ENOSPC, "denied": errno.EACCES}[failure]
 
@@ -283,9 +284,9 @@ def test_write_failures_are_one_line_and_leave_nothing(tmp_path, tiny_model, mon
         raise OSError(code, os.strerror(code))
 
     if failure == "full":  # the data is written, then fsync finds no room (as NFS reports it)
-        monkeypatch.setattr(checkpoint, "_fsync_file", fail)
+        monkeypatch.setattr(files, "fsync_file", fail)
     else:  # the temporary file cannot be created
-        monkeypatch.setattr(checkpoint.os, "open", fail)
+        monkeypatch.setattr(files.os, "open", fail)
     out = tmp_path / "v.json"
     result = CliRunner().invoke(main, ["encode", "a", "--model", str(tiny_model), "-o", str(out)])
     assert result.exit_code == 1

@@ -8,14 +8,10 @@ import torch
 from torch import nn
 
 from ctxvec import EncoderConfig
-from ctxvec.decoder import (
-    DecoderStack,
-    KVCache,
-    Seq2SeqConfig,
-    Translator,
-    sequence_loss,
-)
-from ctxvec.decoding import beam_search, greedy_decode, length_penalty
+from ctxvec.model.config import Seq2SeqConfig
+from ctxvec.model.decoder import DecoderStack, KVCache
+from ctxvec.model.translator import sequence_loss, Translator
+from ctxvec.translate.decoding import beam_search, greedy_decode, length_penalty
 from conftest import VARIANTS, random_batch, tiny_config
 
 PAD, BOS, EOS = 0, 1, 2

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from ctxvec.attention import MultiHeadSelfAttention
-from ctxvec.dropout import Dropout, drop_probability, dropout, keep_mask
+from ctxvec.model.attention import MultiHeadSelfAttention
+from ctxvec.model.dropout import Dropout, drop_probability, dropout, keep_mask
 
 N = 1 << 20
 

@@ -23,8 +23,8 @@ import numpy as np
 import pytest
 
 import ctxvec
-from ctxvec.checkpoint import OutputError
-from ctxvec.embedfile import EmbedInterrupted, embed_file
+from ctxvec.files import OutputError
+from ctxvec.embed_file import EmbedInterrupted, embed_file
 
 
 def _corpus(path: Path, n: int) -> None:
@@ -360,7 +360,7 @@ def test_errors_before_the_job_starts_are_one_line_on_stderr(tmp_path, tiny_mode
 
 
 def test_a_lock_that_cannot_be_made_names_the_output(tmp_path, tiny_model, monkeypatch):
-    import ctxvec.checkpoint as checkpoint
+    import ctxvec.files as files
 
     src, out = tmp_path / "in.txt", tmp_path / "ro" / "v.npy"
     _corpus(src, 10)
@@ -368,7 +368,7 @@ def test_a_lock_that_cannot_be_made_names_the_output(tmp_path, tiny_model, monke
     def read_only(*args, **kwargs):
         raise OSError(errno.EROFS, os.strerror(errno.EROFS))
 
-    monkeypatch.setattr(checkpoint.os, "open", read_only)
+    monkeypatch.setattr(files.os, "open", read_only)
     with pytest.raises(OutputError, match=rf"^cannot lock {out}: read-only file system\.$"):
         embed_file(ctxvec.load(tiny_model), src, out)
 

@@ -65,7 +65,7 @@ def test_from_torch_matches_pytorch(variant, mode, monkeypatch):
 @reference_warnings
 def test_inference_route_matches_pytorch(variant, seq_len):
     """At inference on a CPU: oneDNN linears on bucketed packed rows, batched attention for short
-    sequences and the fused kernel for long ones (ctxvec.runtime.linear, attention.attend)."""
+    sequences and the fused kernel for long ones (ctxvec.engine: linear, attention, route)."""
     ref = torch_encoder(**variant).eval()
     ours = EncoderStack.from_torch(ref).eval()
     x = torch.randn(5, seq_len, 32)
@@ -249,7 +249,7 @@ def test_padding_positions_are_skipped_and_zero(encoder):
 
 
 def test_token_packing_round_trip():
-    from ctxvec.attention import TokenPacking
+    from ctxvec.engine.packing import TokenPacking
 
     _, mask = random_batch(4, 6, 10)
     packing = TokenPacking.from_mask(mask.bool())

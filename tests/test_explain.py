@@ -15,9 +15,10 @@ from click.testing import CliRunner
 import ctxvec
 from ctxvec import Encoder, EncoderConfig, Pipeline
 from ctxvec.cli import main
-from ctxvec.explain import explain, page_data, plan_thinning, render_html, trace, write_pngs
-from ctxvec.models import save_pipeline, seed_tokenizer
-from ctxvec.pooling import Pooling
+from ctxvec.explain import explain, page_data, render_html, trace, write_pngs
+from ctxvec.explain.data import plan_thinning
+from ctxvec.loading import save_pipeline, seed_tokenizer
+from ctxvec.model.pooling import Pooling
 
 CHROMIUM = Path("/usr/bin/chromium")
 SECTIONS = ["step-tokens", "step-onehot", "step-embedding", "step-positions", "step-attention",

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctxvec.models import load
+from ctxvec.loading import load
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_unknown_model_lists_the_known_ones():
 def _tiny_pipeline():
     from conftest import tiny_config
     from ctxvec import Encoder, Pipeline
-    from ctxvec.models import seed_tokenizer
+    from ctxvec.loading import seed_tokenizer
 
     tokenizer = seed_tokenizer(max_len=40)
     return Pipeline(tokenizer, Encoder(tiny_config(vocab_size=tokenizer.vocab_size)))

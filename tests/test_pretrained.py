@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ctxvec.models import load, load_huggingface
-from ctxvec.pretrained import MINILM_SHA256, WeightsError, minilm_dir, sha256_of
+from ctxvec.loading import load, load_huggingface
+from ctxvec.weights.huggingface import minilm_dir, MINILM_SHA256
+from ctxvec.weights.safetensors import sha256_of, WeightsError
 
 WEB = Path(__file__).resolve().parents[2] / "shared" / "data" / "web_en.txt"
 LONG_REAL = " ".join(
@@ -177,7 +178,7 @@ def test_config_that_disagrees_with_the_weights(broken):
 
 
 def test_tokenizer_that_disagrees_with_the_embedding(broken):
-    from ctxvec.models import seed_tokenizer
+    from ctxvec.loading import seed_tokenizer
 
     copy, _ = broken
     seed_tokenizer().save(copy / "tokenizer.json")
@@ -203,7 +204,7 @@ def test_no_pickle_files_are_read(broken):
 
 
 def test_ctxvec_folder_round_trip(tmp_path, pipeline):
-    from ctxvec.models import save_pipeline
+    from ctxvec.loading import save_pipeline
 
     save_pipeline(pipeline, tmp_path / "saved")
     again = load(tmp_path / "saved")

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import struct
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -27,10 +25,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import ctxvec
-from ctxvec import Encoder, EncoderConfig
+from ctxvec import Encoder
 from ctxvec.cli import main
-from ctxvec.encoder import EncoderStack, NonFiniteError
-from ctxvec.pretrained import WeightsError, minilm_dir
+from ctxvec.model.encoder import EncoderStack, NonFiniteError
+from ctxvec.weights.huggingface import minilm_dir
+from ctxvec.weights.safetensors import WeightsError
 
 from conftest import tiny_config
 
@@ -136,7 +135,7 @@ def test_valid_file_shapes(tmp_path, tiny_model, content, texts):
 
 
 def test_unreadable_and_missing_files(tmp_path, tiny_model, monkeypatch):
-    import ctxvec.textfile as textfile
+    import ctxvec.texts as textfile
 
     src = tmp_path / "secret.txt"
     src.write_text("hello\n")

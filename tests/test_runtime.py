@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from ctxvec.runtime import native_bf16, precision_dtype, release_memory, set_threads
+from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory, set_threads
 
 
 @pytest.mark.parametrize("bad", [0, -2, 1.5, True])
@@ -38,8 +38,8 @@ from torch.nn import functional as F  # noqa: E402
 
 import numpy as np  # noqa: E402
 
-from ctxvec.runtime import (  # noqa: E402
-    ONEDNN_ROW_MULTIPLE, linear, onednn_rows, packed_row_multiple, repack_weights, using_repacked)
+from ctxvec.engine.linear import (  # noqa: E402
+    ONEDNN_ROW_MULTIPLE, linear, onednn_rows, packed_row_multiple, repack_weights)
 
 ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
@@ -93,7 +93,7 @@ def test_encoder_training_packs_rows_in_buckets_and_gives_the_same_gradients(aut
     """The spare rows of a bucketed packing change neither the output nor the gradients."""
     from conftest import tiny_config
     from ctxvec import Encoder
-    import ctxvec.runtime as runtime_module
+    import ctxvec.engine.linear as runtime_module
 
     torch.manual_seed(0)
     encoder = Encoder(tiny_config(dropout=0.0))
@@ -125,17 +125,16 @@ def test_linear_trains_through_f_linear():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_repacked_weights_give_the_same_numbers_and_only_inside_the_block(dtype):
+def test_repacked_weights_give_the_same_numbers_and_only_where_given(dtype):
     layer = nn.Linear(16, 24).to(dtype)
     x = torch.randn(ONEDNN_ROW_MULTIPLE, 16).to(dtype)
     with torch.inference_mode():
         plain = linear(x, layer, "gelu")
         repacked = repack_weights(layer)
         assert set(repacked) == ({layer} if onednn_rows(x, layer.weight) > 1 else set())
-        with using_repacked(repacked):
-            assert torch.equal(linear(x, layer, "gelu"), plain)
+        assert torch.equal(linear(x, layer, "gelu", repacked), plain)  # the repacked copy, given explicitly
         with torch.no_grad():
-            layer.weight.mul_(2.0)  # outside the block, the layer's own weight is read again
+            layer.weight.mul_(2.0)  # without the copies, the layer's own weight is read again
         assert torch.allclose(linear(x, layer).float(), F.linear(x, layer.weight, layer.bias).float(),
                               atol=1e-5 if dtype == torch.float32 else 1e-1)
 
@@ -145,7 +144,7 @@ def test_pipeline_embeddings_do_not_depend_on_repacking():
     weights changed in place by an optimizer that does not bump their version (fused AdamW)."""
     from conftest import tiny_config
     from ctxvec import Encoder, Pipeline
-    from ctxvec.models import seed_tokenizer
+    from ctxvec.loading import seed_tokenizer
 
     tokenizer = seed_tokenizer(max_len=40)
     pipeline = Pipeline(tokenizer, Encoder(tiny_config(vocab_size=tokenizer.vocab_size)))

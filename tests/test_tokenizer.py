@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from ctxvec.models import seed_tokenizer
+from ctxvec.loading import seed_tokenizer
 from ctxvec.tokenizer import SPECIAL_TOKENS, EmptyTextError, Tokenizer, TruncationError
 
 CORPUS = [

@@ -16,12 +16,12 @@ from safetensors.torch import load_file
 
 from click.testing import CliRunner
 
-from ctxvec.checkpoint import load_checkpoint
+from ctxvec.weights.checkpoint import load_checkpoint
 from ctxvec.cli import main
-from ctxvec.config import EncoderConfig
-from ctxvec.data import Masking, pack_sequences, read_documents, split_documents
-from ctxvec.mlm import MaskedLanguageModel, round_up_positions
-from ctxvec.models import seed_tokenizer
+from ctxvec.model.config import EncoderConfig
+from ctxvec.train.mlm_data import Masking, pack_sequences, read_documents, split_documents
+from ctxvec.train.mlm import MaskedLanguageModel, round_up_positions
+from ctxvec.loading import seed_tokenizer
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.train import Trainer, TrainConfig
 
@@ -250,16 +250,16 @@ def test_plot_skips_a_line_torn_by_a_crash_and_names_a_bad_one(tmp_path):
 
 CHILD = textwrap.dedent("""
     import sys, time
-    import ctxvec.checkpoint as ck
+    import ctxvec.weights.checkpoint as ck
     from ctxvec.train import Trainer, TrainConfig
-    real = ck._fsync_file
+    real = ck.fsync_file
     saves = []
     def slow(path):
         real(path)
         if "step-00000004" in str(path):
             print("SAVING", flush=True)
             time.sleep(60)
-    ck._fsync_file = slow
+    ck.fsync_file = slow
     cfg = TrainConfig(steps=6, batch_tokens=256, seq_len=32, warmup=2, eval_every=100, save_every=2,
                       eval_sequences=16, doc_lines=20)
     Trainer([sys.argv[1]], sys.argv[2], cfg, preset=sys.argv[3], tokenizer=sys.argv[4], progress=False).run()
@@ -294,7 +294,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus, 
                                    (errno.EROFS, "Read-only file system")], ids=["disk-full", "read-only"])
 def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_file, monkeypatch,
                                                                   error):
-    import ctxvec.checkpoint as ck
+    import ctxvec.weights.safetensors as ck
 
     run = tmp_path / "run"
     config = tiny_config_file(tmp_path, 0.0)
@@ -318,7 +318,7 @@ def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpu
 
 
 def test_nan_stops_training_before_the_weights_or_checkpoints_change(tmp_path, corpus, tokenizer_file):
-    from ctxvec.encoder import NonFiniteError
+    from ctxvec.model.encoder import NonFiniteError
 
     run = tmp_path / "run"
     config = tiny_config_file(tmp_path, 0.0)
@@ -424,7 +424,7 @@ def test_masked_lm_training_follows_bert_for_masked_lm_on_the_same_weights():
     Face BertForMaskedLM's step for step (what the throughput benchmark's speed is measured on)."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from ctxvec.pretrained import bert_config, bert_state_dict
+    from ctxvec.weights.huggingface import bert_config, bert_state_dict
 
     hf_config = BertConfig(vocab_size=60, hidden_size=32, num_attention_heads=4, intermediate_size=64,
                            num_hidden_layers=2, hidden_act="gelu", max_position_embeddings=16,

@@ -14,13 +14,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from ctxvec.checkpoint import load_checkpoint, tied_aliases, unique_state, with_aliases
+from ctxvec.weights.checkpoint import load_checkpoint, tied_aliases, unique_state, with_aliases
 from ctxvec.cli import main
-from ctxvec.decoder import Seq2SeqConfig, Translator
-from ctxvec.textfile import InputFileError
+from ctxvec.model.config import Seq2SeqConfig
+from ctxvec.model.translator import Translator
+from ctxvec.texts import InputFileError
 from ctxvec.tokenizer import Tokenizer
-from ctxvec.translation import (
-    TranslationConfig, TranslationTrainer, load_translator, read_pairs, score_translations, split_pairs)
+from ctxvec.translate.data import read_pairs, split_pairs
+from ctxvec.translate.trainer import TranslationConfig, TranslationTrainer
+from ctxvec.translate.translator import load_translator, score_translations
 
 from conftest import tiny_config
 
@@ -182,7 +184,7 @@ def test_a_tiny_training_split_is_refused_with_the_fix(tmp_path, n, valid_groups
 
 @pytest.mark.skipif(not SHARED_PAIRS.exists(), reason="the shared Bible corpus is not here")
 def test_bible_books_are_held_out_whole():
-    from ctxvec.translation import BIBLE_TEST_BOOKS, BIBLE_VALID_BOOKS
+    from ctxvec.translate.data import BIBLE_TEST_BOOKS, BIBLE_VALID_BOOKS
 
     pairs, skipped = read_pairs(SHARED_PAIRS)
     train, valid, test = split_pairs(pairs, BIBLE_VALID_BOOKS, BIBLE_TEST_BOOKS)

@@ -1,12 +1,25 @@
 """ctxvec: raw words -> context-packed vectors with a Transformer encoder, one named step each.
 
-tokenizer -> embedding (one-hot, token embedding, positions) -> attention -> layer
-(Add & Norm, feed-forward) -> encoder (stack); and downstream, decoder -> decoding -> translation.
+The package, bottom to top (imports only go downward):
+
+- ``tokenizer`` (step 1) and ``model`` (steps 2-8, decoder, translator, pooling): the readable
+  model, on padded (B, T, D) tensors;
+- ``engine``: how the same model runs fast (packed tokens, oneDNN, batched attention, shape
+  buckets, precision, threads), chosen once per forward pass through ``model.route``;
+- ``files``, ``texts``, ``weights``: crash-safe files, reading texts, weights on disk;
+- ``train``, ``translate``, ``explain``: training, translation, the explain page;
+- ``pipeline``, ``loading``, ``embed_file``: texts -> vectors, models by name, whole files;
+- ``cli``: the ``ctxvec`` command.
 """
 
-from ctxvec.attention import AttentionOutput, MultiHeadSelfAttention, attention
-from ctxvec.config import EncoderConfig
-from ctxvec.embedding import (
+import ctxvec.engine  # noqa: F401  (registers the engine's fast route with the model)
+from ctxvec.embed_file import EmbedFileResult, embed_file
+from ctxvec.engine.runtime import set_threads
+from ctxvec.loading import load, save_pipeline
+from ctxvec.model.attention import AttentionOutput, MultiHeadSelfAttention, attention
+from ctxvec.model.config import EncoderConfig, Seq2SeqConfig
+from ctxvec.model.decoder import DecoderLayer, DecoderStack
+from ctxvec.model.embedding import (
     Embeddings,
     LearnedPositionalEncoding,
     SinusoidalPositionalEncoding,
@@ -14,16 +27,13 @@ from ctxvec.embedding import (
     one_hot,
     sinusoid_table,
 )
-from ctxvec.decoder import DecoderLayer, DecoderStack, Seq2SeqConfig, Translator
-from ctxvec.decoding import beam_search, greedy_decode
-from ctxvec.embedfile import EmbedFileResult, embed_file
-from ctxvec.encoder import Encoder, EncoderOutput, EncoderStack, NonFiniteError
-from ctxvec.layer import EncoderLayer, FeedForward
-from ctxvec.models import load, save_pipeline
+from ctxvec.model.encoder import Encoder, EncoderOutput, EncoderStack, NonFiniteError
+from ctxvec.model.layer import EncoderLayer, FeedForward
+from ctxvec.model.pooling import Pooling
+from ctxvec.model.translator import Translator
 from ctxvec.pipeline import Pipeline, SentenceVectors, TokenVectors
-from ctxvec.pooling import Pooling
-from ctxvec.runtime import set_threads
 from ctxvec.tokenizer import BatchEncoding, Tokenizer
+from ctxvec.translate.decoding import beam_search, greedy_decode
 
 __version__ = "0.1.0"
 

@@ -7,32 +7,23 @@ batches under a token budget (little padding), then put the results back in inpu
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-
-import logging
 
 import numpy as np
 import torch
 
-from ctxvec.config import EncoderConfig
-from ctxvec.encoder import Encoder
-from ctxvec.pooling import Pooling
-from ctxvec.runtime import native_bf16, precision_dtype, release_memory, repack_weights, using_repacked
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape
+from ctxvec.engine.linear import repack_weights
+from ctxvec.engine.route import route_for
+from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
+from ctxvec.model.config import EncoderConfig, is_int
+from ctxvec.model.encoder import Encoder
+from ctxvec.model.pooling import Pooling
 from ctxvec.tokenizer import Encoded, Tokenizer, as_texts
 
 log = logging.getLogger(__name__)
-
-# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
-# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
-# 2048 large fp32 temporaries start to cost page faults).
-DEFAULT_BATCH_TOKENS = 1024
-# Batches are padded to a width that is a multiple of this, and to as many rows as the budget
-# allows at that width (rows of padding only): attention's matrix multiplies then come in at
-# most max_len / 4 shapes. oneDNN, which runs them in bf16, compiles and keeps a kernel per
-# shape (~0.7 MB each): with shapes that changed from batch to batch, a long job's memory grew
-# chunk after chunk. (Multiples of 4 cost ~1% of speed, of 8 ~2%: attention grows with width².)
-LENGTH_MULTIPLE = 4
 
 
 @dataclass
@@ -73,40 +64,6 @@ class SentenceVectors:
     truncated: np.ndarray
     n_tokens: np.ndarray
     n_tokens_full: np.ndarray
-
-
-def length_sorted_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1
-                          ) -> Iterator[list[int]]:
-    """Indices grouped into batches of similar length whose padded size stays under the budget.
-
-    A batch holds texts sorted by length, so padding is at most the gap to its longest text;
-    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone),
-    lengths counted rounded up to a ``multiple``.
-    """
-    order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    batch: list[int] = []
-    for i in order:
-        longest = -(-lengths[i] // multiple) * multiple  # lengths[i] is the longest so far
-        if batch and (len(batch) + 1) * longest > batch_tokens:
-            yield batch
-            batch = []
-        batch.append(i)
-    if batch:
-        yield batch
-
-
-def padded_shape(longest: int, n_texts: int, batch_tokens: int, max_len: int) -> tuple[int, int]:
-    """(rows, width) that a batch of ``n_texts`` texts, the longest ``longest`` tokens, is padded to.
-
-    The width is rounded up to ``LENGTH_MULTIPLE`` (at most ``max_len``). The rows are the
-    texts rounded up to a power of two, but never past what ``batch_tokens`` allows at that
-    width: a full batch keeps exactly the budget's row count, and a batch of a few texts stays
-    a few rows whatever the budget (memory grows with the work, not with ``batch_tokens``).
-    Either way the shapes come in few sizes, which is what oneDNN's kernel cache needs.
-    """
-    width = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max(max_len, longest))
-    bucket = 1 << (n_texts - 1).bit_length()  # the next power of two
-    return max(n_texts, min(bucket, batch_tokens // width)), width
 
 
 def check_compatible(tokenizer: Tokenizer, config: EncoderConfig, source: str) -> None:
@@ -173,7 +130,7 @@ class Pipeline:
     def _forward(self, encoded: Sequence[Encoded], batch_tokens: int
                  ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch."""
-        if not isinstance(batch_tokens, int) or isinstance(batch_tokens, bool) or batch_tokens < 1:
+        if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
         batches = list(length_sorted_batches(lengths, batch_tokens, LENGTH_MULTIPLE))
@@ -185,8 +142,8 @@ class Pipeline:
                 rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
                                            self.encoder.config.max_len)
                 batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
-                with using_repacked(repacked):
-                    hidden = self.encoder(batch.input_ids, batch.attention_mask).last_hidden_state
+                route = route_for(self.encoder, batch.attention_mask, repacked)
+                hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
                 yield indices, hidden[: len(indices)].float(), batch.attention_mask[: len(indices)]
         release_memory()
 

@@ -19,8 +19,9 @@ import tokenizers
 import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
-from ctxvec.checkpoint import atomic_write_text
-from ctxvec.textfile import check_utf8, lone_surrogate
+from ctxvec.files import atomic_write_text
+from ctxvec.model.config import is_int
+from ctxvec.texts import check_utf8, lone_surrogate
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +236,7 @@ class Tokenizer:
                 ``EmptyTextError`` for a text without a single token.
         """
         max_len = self.max_len if max_len is None else max_len
-        if not isinstance(max_len, int) or max_len <= self.n_special:
+        if not is_int(max_len) or max_len <= self.n_special:
             raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
         texts = as_texts(texts)
         budget = max_len - self.n_special

@@ -1,0 +1,7 @@
+"""The ``ctxvec`` command line (click). Prints for people; the library itself only logs."""
+
+import ctxvec.cli.training  # noqa: F401  (registers its commands)
+import ctxvec.cli.vectors  # noqa: F401  (registers its commands)
+from ctxvec.cli.app import main
+
+__all__ = ["main"]

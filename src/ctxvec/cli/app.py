@@ -1,0 +1,107 @@
+"""The ``ctxvec`` command group: one-line errors for every command, and the options they share.
+
+The commands live in ``cli.vectors`` (encode, embed, explain, models) and ``cli.training``
+(train-tokenizer, train, train-translation, translate, plot)."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import click
+
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
+from ctxvec.engine.runtime import PRECISIONS, set_threads
+from ctxvec.files import OutputError
+# click 8.2+ raises it for a bare `ctxvec`, to print the help (not an error to flatten)
+NoArgsIsHelpError = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
+class UsageError(click.ClickException):
+    """A usage error shown as one line (click's own takes three), with where to find help."""
+
+    exit_code = 2
+
+
+def _one_line(message: str) -> str:
+    return " ".join(message.split())
+
+
+@contextlib.contextmanager
+def _errors_as_one_line():
+    """Every error a user can cause ends as one line on stderr and a non-zero exit.
+
+    Usage errors (exit 2) name the command's --help. The library's errors are ``ValueError``
+    (bad input, bad files, bad options: the message is a sentence that names the problem) and
+    ``OSError`` (the file system). Running out of memory is said so, with what to lower.
+    Anything else is a bug and keeps its traceback.
+    """
+    try:
+        yield
+    except NoArgsIsHelpError:
+        raise  # bare `ctxvec`: click prints the help
+    except click.UsageError as err:
+        where = err.ctx.command_path if err.ctx is not None else "ctxvec"
+        raise UsageError(_one_line(f"{err.format_message()} (see `{where} --help`)")) from None
+    except click.ClickException:
+        raise
+    except (ValueError, OSError) as err:
+        if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename:
+            raise click.ClickException(_one_line(f"{err.filename}: {(err.strerror or str(err)).lower()}.")) from None
+        raise click.ClickException(_one_line(str(err))) from None
+    except (MemoryError, RuntimeError) as err:
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        detail = _one_line(str(err))[-160:]
+        raise click.ClickException(f"out of memory ({detail or 'MemoryError'}); a smaller job, or a "
+                                   "smaller --batch-tokens where the command has one, needs less.") from None
+
+
+class Commands(click.Group):
+    """The ``ctxvec`` group: one-line errors for every command (see ``_errors_as_one_line``)."""
+
+    def make_context(self, *args, **kwargs):
+        with _errors_as_one_line():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _errors_as_one_line():
+            return super().invoke(ctx)
+
+
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="ctxvec")
+def main() -> None:
+    """ctxvec: raw words -> context vectors, with a Transformer encoder built step by step.
+
+    Errors are one line on stderr with a non-zero exit code (2 for a wrong command line).
+    """
+
+
+def model_options(command):
+    """--model, --precision, --threads and --batch-tokens, shared by the commands that encode."""
+    options = [
+        click.option("--model", "-m", default="minilm", show_default=True,
+                     help="Model name (see `ctxvec models`) or model folder."),
+        click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True,
+                     help="fp32 gives the reference libraries' numbers; bf16 is faster on CPUs with "
+                          "AVX512-BF16/AMX and on GPUs."),
+        click.option("--threads", type=click.IntRange(min=1), default=None,
+                     help="CPU threads for PyTorch (default: PyTorch's choice)."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
+                     show_default=True, help="Padded tokens per forward pass (a memory cap; the vectors move by "
+                                                "at most 1e-6 in fp32 with it, see the README)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def load_pipeline(model: str, precision: str, threads: int | None):
+    from ctxvec.loading import KNOWN_MODELS, load
+
+    set_threads(threads)
+    if model in KNOWN_MODELS and Path(model).is_dir():
+        click.echo(f"note: loading the built-in model {model!r}; for the folder of that name, "
+                   f"give --model ./{model}", err=True)
+    return load(model, precision=precision)

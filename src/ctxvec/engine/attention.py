@@ -1,0 +1,84 @@
+"""The engine's attention kernels: a batched attention for the short sequences of text on CPUs.
+
+PyTorch's fused CPU kernel for ``scaled_dot_product_attention`` is blocked for long sequences;
+for the short ones text has, two batched matrix multiplies around one fp32 softmax are faster
+(``benchmarks/bench_attention.py``). ``attend`` picks the kernel by one rule.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ctxvec.model.dropout import Dropout
+
+# From this many scores per head (T * S) on, PyTorch's fused CPU kernel is the faster one; below,
+# ``batched_attention`` is (benchmarks/bench_attention.py, 2-core AVX-512 CPU, batches of ~1k
+# tokens: in fp32 1.5-3x faster at T = S = 16..128, even at 256, slower from 384 on; in bf16
+# 1.4-3x faster up to 512, the longest measured). Other dtypes: always the fused kernel.
+FUSED_CPU_MIN_SCORES = {torch.float32: 256 * 256 + 1, torch.bfloat16: 512 * 512 + 1}
+
+
+def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      key_mask: torch.Tensor | None, dropout: Dropout | None = None) -> torch.Tensor:
+    """softmax(Q·Kᵀ / √d + mask) · V as two batched matrix multiplies around one softmax.
+
+    The same numbers as ``attention`` (within rounding) without the probabilities: the scaling
+    and the mask (a bias of 0 or -inf) are one broadcast pass, and they and the softmax run in
+    fp32 whatever the input's precision. In bf16 the scores come out of their matrix multiply
+    rounded to bf16, as in eager bf16 attention; the fused kernel keeps them in fp32 and errs
+    about 1.5x less (a test bounds it).
+    For short sequences on a CPU this beats the fused kernel, whose blocking is made for long
+    ones; inputs laid out head-major, as ``TokenPacking.unpack_heads`` leaves them, are not copied.
+
+    q: (B, H, T, Dh); k, v: (B, H, S, Dh); key_mask: bool broadcastable to (B, H, T, S), every
+    row allowing at least one key. Returns (B, H, T, Dh).
+    """
+    B, H, T, Dh = q.shape
+    S = k.shape[2]
+    # heads first: (B, H, T, Dh) -> (H, B, T, Dh) -> (H * B, T, Dh), a view when head-major
+    q3, k3, v3 = (t.transpose(0, 1).reshape(H * B, t.shape[2], Dh) for t in (q, k, v))
+    scores = torch.bmm(q3, k3.transpose(1, 2)).view(H, B, T, S)  # Q·Kᵀ: (H, B, T, S)
+    scale = 1 / math.sqrt(Dh)
+    if key_mask is None:
+        scores = scores.to(torch.float32).mul_(scale)
+    else:
+        bias = torch.zeros(key_mask.shape, dtype=torch.float32, device=q.device)
+        bias = bias.masked_fill_(~key_mask, float("-inf")).expand(B, H, T, S).transpose(0, 1)
+        scores = torch.add(bias, scores, alpha=scale)  # ÷ √d + mask, in fp32: (H, B, T, S)
+    weights = scores.softmax(dim=-1).to(v.dtype)
+    if dropout is not None:
+        weights = dropout(weights)
+    heads = torch.bmm(weights.view(H * B, T, S), v3)  # (H * B, T, Dh)
+    return heads.view(H, B, T, Dh).transpose(0, 1)  # (B, H, T, Dh), head-major in memory
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+           dropout: nn.Module) -> torch.Tensor:
+    """softmax(Q·Kᵀ / √d) · V by the faster kernel for these inputs (the same numbers either way):
+
+    - ``batched_attention`` on a CPU for short sequences (T * S below ``FUSED_CPU_MIN_SCORES``),
+      and in CPU training with dropout (PyTorch's CPU kernel has no dropout and falls back to
+      eager steps with its slower per-element mask);
+    - PyTorch's fused ``scaled_dot_product_attention`` otherwise (GPUs, long sequences).
+
+    q: (B, H, T, Dh); k, v: (B, H, S, Dh); key_mask: bool broadcastable to (B, H, T, S).
+    Returns (B, H, T, Dh).
+    """
+    if q.device.type == "cpu":
+        with_dropout = dropout.training and dropout.p > 0
+        if with_dropout or q.shape[2] * k.shape[2] < FUSED_CPU_MIN_SCORES.get(q.dtype, 0):
+            return batched_attention(q, k, v, key_mask, dropout if with_dropout else None)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=key_mask, dropout_p=dropout.p if dropout.training else 0.0)
+
+
+def kernel_for(device: torch.device, dtype: torch.dtype, scores_per_head: int, training: bool) -> str:
+    """The kernel ``attend`` takes, in words (for a route's reason)."""
+    if device.type == "cpu" and (training or scores_per_head < FUSED_CPU_MIN_SCORES.get(dtype, 0)):
+        why = "training with dropout" if training else f"T·S = {scores_per_head} < {FUSED_CPU_MIN_SCORES[dtype]}"
+        return f"batched attention ({why})"
+    return "PyTorch's fused attention"

@@ -1,0 +1,56 @@
+"""Batches of few shapes: texts sorted by length under a token budget, padded to bucketed shapes.
+
+Sorting by length keeps padding small; padding every batch to a width that is a multiple of
+``LENGTH_MULTIPLE`` and to the budget's row count (or a power of two for a short batch) keeps
+the matrix shapes to a few buckets, which oneDNN (it compiles and keeps a kernel per shape)
+needs for memory to stay flat over a long job.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
+# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
+# 2048 large fp32 temporaries start to cost page faults).
+DEFAULT_BATCH_TOKENS = 1024
+# Batches are padded to a width that is a multiple of this, and to as many rows as the budget
+# allows at that width (rows of padding only): attention's matrix multiplies then come in at
+# most max_len / 4 shapes. oneDNN, which runs them in bf16, compiles and keeps a kernel per
+# shape (~0.7 MB each): with shapes that changed from batch to batch, a long job's memory grew
+# chunk after chunk. (Multiples of 4 cost ~1% of speed, of 8 ~2%: attention grows with width².)
+LENGTH_MULTIPLE = 4
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1
+                          ) -> Iterator[list[int]]:
+    """Indices grouped into batches of similar length whose padded size stays under the budget.
+
+    A batch holds texts sorted by length, so padding is at most the gap to its longest text;
+    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone),
+    lengths counted rounded up to a ``multiple``.
+    """
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    batch: list[int] = []
+    for i in order:
+        longest = -(-lengths[i] // multiple) * multiple  # lengths[i] is the longest so far
+        if batch and (len(batch) + 1) * longest > batch_tokens:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch
+
+
+def padded_shape(longest: int, n_texts: int, batch_tokens: int, max_len: int) -> tuple[int, int]:
+    """(rows, width) that a batch of ``n_texts`` texts, the longest ``longest`` tokens, is padded to.
+
+    The width is rounded up to ``LENGTH_MULTIPLE`` (at most ``max_len``). The rows are the
+    texts rounded up to a power of two, but never past what ``batch_tokens`` allows at that
+    width: a full batch keeps exactly the budget's row count, and a batch of a few texts stays
+    a few rows whatever the budget (memory grows with the work, not with ``batch_tokens``).
+    Either way the shapes come in few sizes, which is what oneDNN's kernel cache needs.
+    """
+    width = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max(max_len, longest))
+    bucket = 1 << (n_texts - 1).bit_length()  # the next power of two
+    return max(n_texts, min(bucket, batch_tokens // width)), width

@@ -1,0 +1,60 @@
+"""How the engine runs: numeric precision, CPU threads, memory given back."""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+from functools import lru_cache
+
+import torch
+
+from ctxvec.model.config import is_int
+
+log = logging.getLogger(__name__)
+
+PRECISIONS: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def precision_dtype(precision: str) -> torch.dtype:
+    """"fp32" (exact: the reference libraries' numbers) or "bf16" (faster where the CPU has it)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(PRECISIONS)}.")
+    return PRECISIONS[precision]
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether bf16 matrix multiplies run natively (CUDA, or a CPU with AVX512-BF16 / AMX)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def set_threads(threads: int | None) -> None:
+    """Use ``threads`` CPU threads for PyTorch's kernels (None: leave PyTorch's choice)."""
+    if threads is None:
+        return
+    if not is_int(threads) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    torch.set_num_threads(threads)
+
+
+@lru_cache(maxsize=1)
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc
+        return None
+
+
+def release_memory() -> None:
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Batches of ever-different shapes leave glibc's heap fragmented, so a long job's resident
+    memory creeps up although nothing is kept; trimming after each call keeps it flat.
+    """
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+

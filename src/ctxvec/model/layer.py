@@ -1,0 +1,98 @@
+"""Steps 6-7 of the assembly line: Add & Norm, feed-forward, Add & Norm = one encoder layer.
+
+Add & Norm is one rule for every layer here (the decoder's too), in the model's norm placement:
+``pre_norm`` normalises a sub-layer's input (pre-norm only), ``add_norm`` adds the sub-layer's
+output to the stream and normalises the sum (post-norm only, the seed's choice).
+
+Letters: B batch, T sequence length, D d_model, F d_ff, M rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ctxvec.model.attention import MultiHeadSelfAttention
+from ctxvec.model.config import EncoderConfig
+from ctxvec.model.dropout import Dropout
+from ctxvec.model.route import Route
+
+
+def pre_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Tensor:
+    """A sub-layer's input: ``LayerNorm(x)`` in pre-norm, ``x`` itself in post-norm."""
+    return norm(x) if norm_first else x
+
+
+def add_norm(x: torch.Tensor, sublayer_out: torch.Tensor, norm: nn.LayerNorm, dropout: nn.Module,
+             norm_first: bool) -> torch.Tensor:
+    """Add & Norm: ``x + Dropout(sublayer_out)``, then ``LayerNorm`` of the sum in post-norm."""
+    x = x + dropout(sublayer_out)
+    return x if norm_first else norm(x)
+
+
+class FeedForward(nn.Module):
+    """Position-wise feed-forward: D -> F, activation, dropout, F -> D (512 -> 1024 -> 512)."""
+
+    def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
+        super().__init__()
+        self.up = nn.Linear(d_model, d_ff)
+        self.activation = activation  # "relu" or "gelu" (model.route.ACTIVATIONS)
+        self.dropout = Dropout(dropout)
+        self.down = nn.Linear(d_ff, d_model)
+
+    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+        route = route or Route()
+        hidden = route.linear(x, self.up, self.activation)  # activation(up(x)): (B, T, F)
+        return route.linear(self.dropout(hidden), self.down)  # (B, T, D)
+
+
+@dataclass
+class LayerOutput:
+    hidden_state: torch.Tensor  # shaped like the layer's input (or (M, D) with ``rows``)
+    attention: torch.Tensor | None  # (B, H, T, T) probabilities, only when asked for
+
+
+class EncoderLayer(nn.Module):
+    """Self-attention and feed-forward, each wrapped in a residual connection and a LayerNorm.
+
+    Post-norm (the seed, ``norm_first=False``)::
+
+        x = LayerNorm(x + Dropout(Attention(x)))      # Add & Norm #1
+        x = LayerNorm(x + Dropout(FeedForward(x)))    # Add & Norm #2
+
+    Pre-norm (``norm_first=True``) normalises the sub-layer's input instead::
+
+        x = x + Dropout(Attention(LayerNorm(x)))
+        x = x + Dropout(FeedForward(LayerNorm(x)))
+    """
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.norm_first = config.norm_first
+        self.attention = MultiHeadSelfAttention(config.d_model, config.n_heads, config.dropout)
+        self.dropout1 = Dropout(config.dropout)
+        self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+        self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
+        self.dropout2 = Dropout(config.dropout)
+        self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+
+    def forward(self, x: torch.Tensor, route: Route | None = None, return_attention: bool = False,
+                rows: torch.Tensor | None = None) -> LayerOutput:
+        """x: (B, T, D), or the ``route``'s rows. Returns the same shape.
+
+        ``rows`` (M,): compute the output only at these of the route's rows (flattened to (B * T,
+        D) or (N, D)) and return it as (M, D). Every token is still a key and value of the
+        attention; only the out-projection, the residuals, the norms and the feed-forward are
+        skipped elsewhere (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
+        """
+        route = route or Route()
+        # the residual stream at the rows computed: all of x, or (M, D)
+        residual = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        a = self.attention(pre_norm(x, self.norm1, self.norm_first), route.key_mask, return_attention,
+                           route, rows=rows)
+        x = add_norm(residual, a.output, self.norm1, self.dropout1, self.norm_first)  # Add & Norm #1
+        ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route)
+        x = add_norm(x, ffn, self.norm2, self.dropout2, self.norm_first)  # Add & Norm #2
+        return LayerOutput(x, a.probabilities)
