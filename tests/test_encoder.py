@@ -293,3 +293,36 @@ def test_bad_positions_are_clear_errors(encoder):
         encoder(ids, mask, positions=torch.ones(2, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="cannot be combined"):
         encoder(ids, mask, positions=mask.bool(), output_hidden_states=True)
+
+
+# ---- the route: the readable model and the engine, one seam -----------------------------------
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=lambda v: "-".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "training"])
+def test_the_plain_route_and_the_engine_give_the_same_numbers(variant, grad):
+    """The model read alone (padded tensors, nn.Linear, PyTorch's attention) and run by the engine
+    (packed rows, oneDNN, the batched attention) compute the same vectors."""
+    from ctxvec.model.route import Route
+
+    encoder = Encoder(tiny_config(**variant)).eval()
+    ids, mask = random_batch(4, 11, 64)
+    with torch.set_grad_enabled(grad):
+        fast = encoder(ids, mask)
+        plain = encoder(ids, mask, route=Route(mask.bool()))
+    assert fast.route != plain.route and plain.route.startswith("padded: the plain route")
+    assert max_real_diff(fast.last_hidden_state, plain.last_hidden_state, mask) < 1e-5
+    assert torch.all(plain.last_hidden_state[~mask.bool()] == 0)
+
+
+def test_the_route_is_chosen_once_per_forward_and_says_why(caplog):
+    import logging
+
+    encoder = Encoder(tiny_config()).eval()
+    ids, mask = random_batch(3, 9, 64)
+    with caplog.at_level(logging.DEBUG, logger="ctxvec.model.encoder"), torch.inference_mode():
+        padded = encoder(ids, mask)
+    assert [r.getMessage() for r in caplog.records] == [f"encoder route: {padded.route}"]  # once, not per layer
+    assert padded.route.startswith("packed: ") and f"{int(mask.sum())} of 27 tokens are real" in padded.route
+    encoder.train()
+    full = encoder(ids, torch.ones_like(mask))
+    assert full.route.startswith("padded: ") and "gradients are wanted" in full.route

@@ -74,11 +74,3 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Te
             return batched_attention(q, k, v, key_mask, dropout if with_dropout else None)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=key_mask, dropout_p=dropout.p if dropout.training else 0.0)
-
-
-def kernel_for(device: torch.device, dtype: torch.dtype, scores_per_head: int, training: bool) -> str:
-    """The kernel ``attend`` takes, in words (for a route's reason)."""
-    if device.type == "cpu" and (training or scores_per_head < FUSED_CPU_MIN_SCORES.get(dtype, 0)):
-        why = "training with dropout" if training else f"T·S = {scores_per_head} < {FUSED_CPU_MIN_SCORES[dtype]}"
-        return f"batched attention ({why})"
-    return "PyTorch's fused attention"

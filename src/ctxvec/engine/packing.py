@@ -26,7 +26,7 @@ class TokenPacking:
     index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * T) batch
     batch_size: int
     seq_len: int
-    rows: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
+    gather: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
     sources: torch.Tensor  # (B * T,) the packed row each position is read from (padding: row 0)
     # (kind, G) -> flat gather index of unpack_heads / pack_heads, made once per batch
     _head_index: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -38,10 +38,10 @@ class TokenPacking:
         index = flat.nonzero().squeeze(1)  # (N,)
         n = len(index)
         m = -(-n // row_multiple) * row_multiple
-        rows = index if m == n else index[torch.arange(m, device=index.device) % n]
+        gather = index if m == n else index[torch.arange(m, device=index.device) % n]
         sources = torch.zeros_like(flat, dtype=torch.long).index_copy_(
             0, index, torch.arange(n, device=index.device))
-        return cls(index, real.shape[0], real.shape[1], rows, sources)
+        return cls(index, real.shape[0], real.shape[1], gather, sources)
 
     @property
     def n_tokens(self) -> int:
@@ -49,7 +49,7 @@ class TokenPacking:
         return len(self.index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.rows)  # (B, T, C) -> (M, C)
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.gather)  # (B, T, C) -> (M, C)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1])
@@ -82,8 +82,8 @@ class TokenPacking:
         """
         B, H, T, Dh = heads.shape
         index = self._head_index.get(("pack", H))
-        if index is None:  # head h of packed row r is row h * B * T + rows[r] of (H * B * T, Dh)
+        if index is None:  # head h of packed row r is row h * B * T + gather[r] of (H * B * T, Dh)
             offsets = torch.arange(H, device=heads.device) * (B * T)  # (H,)
-            index = self._head_index[("pack", H)] = (self.rows[:, None] + offsets).flatten()
+            index = self._head_index[("pack", H)] = (self.gather[:, None] + offsets).flatten()
         slabs = heads.transpose(0, 1).reshape(H * B * T, Dh)  # (B, H, T, Dh) -> (H * B * T, Dh)
         return slabs.index_select(0, index).view(-1, H * Dh)  # (M * H, Dh) -> (M, H * Dh)

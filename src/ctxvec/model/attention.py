@@ -113,12 +113,12 @@ class MultiHeadSelfAttention(nn.Module):
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 return_probabilities: bool = False, route: Route | None = None,
                 past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-                rows: torch.Tensor | None = None) -> AttentionOutput:
+                selected: torch.Tensor | None = None) -> AttentionOutput:
         """x: (B, T, D), or the ``route``'s rows; key_mask: bool (B, 1, 1, T).
 
         ``past_key_value`` (a decoder's cache, 2 x (B, H, P, Dh)) is prepended to this call's keys
         and values, so T new tokens attend to P + T keys; key_mask is then (B, 1, T, P + T).
-        ``rows`` (M,): only these of the route's rows go through the output projection, which
+        ``selected`` (M,): only these of the route's rows go through the output projection, which
         returns (M, D). Returns an output shaped like ``x`` (or (M, D)), with the keys and values.
         """
         route = route or Route()
@@ -134,8 +134,8 @@ class MultiHeadSelfAttention(nn.Module):
         heads, scores, probabilities = attend(route, q, k, v, key_mask, self.attn_dropout, return_probabilities)
         # 4) concat the heads back to D
         concat = route.merge_heads(heads)  # (B, H, T, Dh) -> (B, T, H*Dh)
-        if rows is not None:
-            concat = concat.reshape(-1, concat.shape[-1]).index_select(0, rows)  # (M, D)
+        if selected is not None:
+            concat = concat.reshape(-1, concat.shape[-1]).index_select(0, selected)  # (M, D)
         # 5) mix the heads with the output projection
         return AttentionOutput(route.linear(concat, self.out), probabilities, (k, v), scores)
 

@@ -29,7 +29,7 @@ from ctxvec.model.attention import MultiHeadCrossAttention, MultiHeadSelfAttenti
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.dropout import Dropout
 from ctxvec.model.embedding import Embeddings
-from ctxvec.model.encoder import check_attention_mask, check_token_ids, init_weights
+from ctxvec.model.encoder import LayerStack, check_attention_mask, check_token_ids, init_weights
 from ctxvec.model.layer import FeedForward, add_norm, pre_norm
 from ctxvec.model.route import Route, choose_route, key_mask_from
 
@@ -148,20 +148,14 @@ class DecoderOutput:
     cross_attentions: tuple[torch.Tensor, ...] | None = None
 
 
-class DecoderStack(nn.Module):
+class DecoderStack(LayerStack):
     """N decoder layers (``config.n_layers``) in turn, plus a final LayerNorm for pre-norm.
 
     Takes already-embedded target tokens (B, T, D), the encoder's context vectors (B, S, D) and
     the public masks of both, 1/True = real token.
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.n_layers))
-        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-                           if config.has_final_norm else None)
-        self.apply(init_weights)
+    layer_class = DecoderLayer
 
     def new_cache(self) -> list[KVCache]:
         """An empty cache, one ``KVCache`` per layer, for step-by-step decoding."""
@@ -205,17 +199,6 @@ class DecoderStack(nn.Module):
         if not output_attentions:
             return DecoderOutput(x)
         return DecoderOutput(x, tuple(self_attentions), tuple(cross_attentions))
-
-    @classmethod
-    def from_torch(cls, decoder: nn.TransformerDecoder) -> DecoderStack:
-        """A stack with exactly the weights of a PyTorch ``nn.TransformerDecoder``.
-
-        Works whatever its ``batch_first`` (ctxvec is always batch-first) and for both norm
-        orders. Variants ctxvec does not implement are refused by name.
-        """
-        from ctxvec.model.from_torch import stack_from_torch
-
-        return stack_from_torch(cls, decoder)
 
 
 class Decoder(nn.Module):

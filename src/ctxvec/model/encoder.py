@@ -144,28 +144,51 @@ def init_weights(module: nn.Module) -> None:
         nn.init.normal_(module.weight, std=0.02)
 
 
-class EncoderStack(nn.Module):
+class LayerStack(nn.Module):
+    """``config.n_layers`` layers of ``layer_class`` in turn, plus a final LayerNorm where the
+    config has one (pre-norm needs it): what the encoder's and the decoder's stacks share."""
+
+    layer_class: type[nn.Module]
+
+    def __init__(self, config: EncoderConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.layers = nn.ModuleList(self.layer_class(config) for _ in range(config.n_layers))
+        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
+                           if config.has_final_norm else None)
+        self.apply(init_weights)
+
+    @classmethod
+    def from_torch(cls, stack: nn.Module) -> LayerStack:
+        """A stack with exactly the weights of PyTorch's ``nn.TransformerEncoder`` (for an
+        ``EncoderStack``) or ``nn.TransformerDecoder`` (for a ``DecoderStack``).
+
+        Works whatever its ``batch_first`` (ctxvec is always batch-first) and for both norm
+        orders. Variants ctxvec does not implement are refused by name.
+        """
+        from ctxvec.model.from_torch import stack_from_torch
+
+        return stack_from_torch(cls, stack)
+
+
+class EncoderStack(LayerStack):
     """N encoder layers applied in turn (12 in the seed), plus a final LayerNorm for pre-norm.
 
     Takes already-embedded input (B, T, D) and the public ``attention_mask`` (B, T).
     """
 
-    def __init__(self, config: EncoderConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.n_layers))
-        self.final_norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
-                           if config.has_final_norm else None)
-        self.apply(init_weights)
+    layer_class = EncoderLayer
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 output_hidden_states: bool = False, output_attentions: bool = False,
                 positions: torch.Tensor | None = None, route: Route | None = None) -> EncoderOutput:
         """hidden_states: (B, T, D); attention_mask: (B, T), 1/True = real token.
 
-        positions: optional (B, T) bool, True where an output vector is wanted (real tokens
-        only). The output is then (M, D), ``full_output[positions]``, and the last layer runs
-        its token-wise steps (out-projection, Add & Norm, feed-forward) at those rows only.
+        positions: optional (B, T) bool, the output positions wanted, True where an output
+        vector is wanted (real tokens only; not to be confused with the position encoding,
+        ``Embeddings.positions``). The output is then (M, D), ``full_output[positions]``, and the
+        last layer runs its token-wise steps (out-projection, Add & Norm, feed-forward) at those
+        rows only.
         route: how to run (default: ``choose_route``, once for the whole stack).
         """
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
@@ -177,18 +200,18 @@ class EncoderStack(nn.Module):
         real = check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), hidden_states.device)
         route = route or choose_route(hidden_states, self.layers[0].attention.qkv.weight, real)
         log.debug("encoder route: %s", route.describe())
-        rows = self._rows(positions, real, route) if positions is not None else None
-        if rows is not None and output_hidden_states:
+        selected = self._selected(positions, real, route) if positions is not None else None
+        if selected is not None and output_hidden_states:
             raise ValueError("positions and output_hidden_states cannot be combined: the last "
                              "layer computes only the chosen positions.")
         check_finite(hidden_states, "hidden_states", self, real)
         x = route.pack(hidden_states)  # (B, T, D) -> the route's rows
-        unpack = route.unpack if rows is None else (lambda t: t)
+        unpack = route.unpack if selected is None else (lambda t: t)
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            out = layer(x, route, output_attentions, rows if last else None)
+            out = layer(x, route, output_attentions, selected if last else None)
             x = out.hidden_state
             if self.final_norm is not None and last:
                 x = self.final_norm(x)
@@ -208,7 +231,7 @@ class EncoderStack(nn.Module):
         )
 
     @staticmethod
-    def _rows(positions: torch.Tensor, real: torch.Tensor, route: Route) -> torch.Tensor:
+    def _selected(positions: torch.Tensor, real: torch.Tensor, route: Route) -> torch.Tensor:
         """(B, T) bool output positions -> (M,) their indices in the route's rows."""
         if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool:
             raise TypeError("positions must be a bool tensor, True where an output is wanted.")
@@ -218,17 +241,6 @@ class EncoderStack(nn.Module):
         if bool((positions & ~real).any()):
             raise ValueError("positions marks a padding position; only real tokens have outputs.")
         return route.rows_at(positions)
-
-    @classmethod
-    def from_torch(cls, encoder: nn.TransformerEncoder) -> EncoderStack:
-        """A stack with exactly the weights of a PyTorch ``nn.TransformerEncoder``.
-
-        Works whatever the PyTorch encoder's ``batch_first`` (ctxvec is always batch-first) and
-        for both norm orders. Variants ctxvec does not implement are refused by name.
-        """
-        from ctxvec.model.from_torch import stack_from_torch
-
-        return stack_from_torch(cls, encoder)
 
 
 class Encoder(nn.Module):

@@ -50,7 +50,7 @@ class FeedForward(nn.Module):
 
 @dataclass
 class LayerOutput:
-    hidden_state: torch.Tensor  # shaped like the layer's input (or (M, D) with ``rows``)
+    hidden_state: torch.Tensor  # shaped like the layer's input (or (M, D) with ``selected``)
     attention: torch.Tensor | None  # (B, H, T, T) probabilities, only when asked for
 
 
@@ -79,19 +79,19 @@ class EncoderLayer(nn.Module):
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, route: Route | None = None, return_attention: bool = False,
-                rows: torch.Tensor | None = None) -> LayerOutput:
+                selected: torch.Tensor | None = None) -> LayerOutput:
         """x: (B, T, D), or the ``route``'s rows. Returns the same shape.
 
-        ``rows`` (M,): compute the output only at these of the route's rows (flattened to (B * T,
+        ``selected`` (M,): compute the output only at these of the route's rows (flattened to (B * T,
         D) or (N, D)) and return it as (M, D). Every token is still a key and value of the
         attention; only the out-projection, the residuals, the norms and the feed-forward are
         skipped elsewhere (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
         """
         route = route or Route()
         # the residual stream at the rows computed: all of x, or (M, D)
-        residual = x if rows is None else x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        residual = x if selected is None else x.reshape(-1, x.shape[-1]).index_select(0, selected)
         a = self.attention(pre_norm(x, self.norm1, self.norm_first), route.key_mask, return_attention,
-                           route, rows=rows)
+                           route, selected=selected)
         x = add_norm(residual, a.output, self.norm1, self.dropout1, self.norm_first)  # Add & Norm #1
         ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route)
         x = add_norm(x, ffn, self.norm2, self.dropout2, self.norm_first)  # Add & Norm #2

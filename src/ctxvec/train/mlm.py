@@ -69,12 +69,12 @@ class MaskedLanguageModel(nn.Module):
         """input_ids, labels, chosen (bool), attention_mask: (B, T)."""
         real = attention_mask.bool() if attention_mask is not None else torch.ones_like(chosen)
         embedding = self.encoder.embeddings.tokens.weight  # the activations' dtype and device
-        positions = round_up_positions(chosen, real, packed_row_multiple(embedding, embedding))
-        # the last layer computes these positions only: (M', D), the chosen M and a few more
-        hidden = self.encoder(input_ids, attention_mask, positions=positions).last_hidden_state
+        wanted = round_up_positions(chosen, real, packed_row_multiple(embedding, embedding))
+        # the last layer computes the wanted outputs only: (M', D), the chosen M and a few more
+        hidden = self.encoder(input_ids, attention_mask, positions=wanted).last_hidden_state
         logits = self.head(hidden, embedding)  # (M', V)
-        predicted = chosen[positions]  # (M',) True at the chosen rows, in the same row-major order
-        targets = labels[positions].masked_fill(~predicted, -100)  # the extra rows count for nothing
+        predicted = chosen[wanted]  # (M',) True at the chosen rows, in the same row-major order
+        targets = labels[wanted].masked_fill(~predicted, -100)  # the extra rows count for nothing
         loss_sum = F.cross_entropy(logits.float(), targets, ignore_index=-100, reduction="sum")
         return MaskedLMOutput(loss_sum, int(predicted.sum()), logits[predicted])
 
