@@ -29,7 +29,7 @@ from common import ROOT, machine, write_results  # noqa: E402
 from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES  # noqa: E402
 
 from ctxvec.model.attention import attention  # noqa: E402
-from ctxvec.model.route import key_mask_from  # noqa: E402
+from ctxvec.model.masks import key_mask_from  # noqa: E402
 from ctxvec.engine.runtime import native_bf16  # noqa: E402
 
 LENGTHS = [8, 16, 32, 64, 128, 256, 384, 512]

@@ -30,7 +30,8 @@ from common import ROOT, machine, write_results  # noqa: E402
 from ctxvec.model.translator import Translator  # noqa: E402
 from ctxvec.train.plot import plot_run  # noqa: E402
 from ctxvec.translate.trainer import TranslationConfig, TranslationTrainer  # noqa: E402
-from ctxvec.translate.translator import score_translations, translate_texts  # noqa: E402
+from ctxvec.translate.pipeline import translate_texts  # noqa: E402
+from ctxvec.translate.scores import score_translations  # noqa: E402
 
 PAIRS = ROOT.parent / "shared" / "data" / "bible_es_en.tsv"
 SHOWN = 6  # test sentences shown side by side

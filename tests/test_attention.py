@@ -9,8 +9,7 @@ from ctxvec import MultiHeadSelfAttention, attention
 from ctxvec.engine.attention import batched_attention
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.engine.route import FastRoute, PackedRoute
-from ctxvec.model.decoder import causal_key_mask
-from ctxvec.model.route import key_mask_from
+from ctxvec.model.masks import causal_key_mask, key_mask_from
 
 attention_module = importlib.import_module("ctxvec.engine.attention")
 
@@ -122,11 +121,11 @@ def test_every_attention_route_gives_the_same_output(seq_len, packed, monkeypatc
     key_mask = key_mask_from(real)
     x = torch.randn(3, seq_len, 32)
     route = PackedRoute(real, "a test", row_multiple=16, onednn=False) if packed else FastRoute(real, "a test")
-    inputs = route.pack(x)
+    inputs = route.arrange(x)
 
     def run(**kw):
         out = mha(inputs, key_mask, route=route, **kw).output
-        return route.unpack(out)
+        return route.restore(out)
 
     eager = run(return_probabilities=True)
     monkeypatch.setitem(attention_module.FUSED_CPU_MIN_SCORES, torch.float32, 10**9)

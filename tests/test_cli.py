@@ -201,7 +201,7 @@ def _writers(tmp_path: Path, tiny_model: Path) -> dict[str, tuple[list[str], Pat
     from ctxvec.model.config import Seq2SeqConfig
     from ctxvec.model.translator import Translator
     from ctxvec.loading import seed_tokenizer
-    from ctxvec.translate.translator import export_translator
+    from ctxvec.translate.pipeline import export_translator
 
     from conftest import tiny_config
 

@@ -326,3 +326,49 @@ def test_the_route_is_chosen_once_per_forward_and_says_why(caplog):
     encoder.train()
     full = encoder(ids, torch.ones_like(mask))
     assert full.route.startswith("padded: ") and "gradients are wanted" in full.route
+
+
+def test_autocast_without_gradients_runs_the_linear_autocast_asks_for():
+    """Before: the route chose oneDNN from the fp32 input, and bf16 activations met fp32 weights
+    (a masked-LM's evaluation under bf16 autocast crashed)."""
+    encoder = Encoder(tiny_config()).eval()
+    ids, mask = random_batch(3, 9, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = encoder(ids, mask)
+    assert torch.isfinite(out.last_hidden_state).all() and "autocast to bfloat16" in out.route
+
+
+def test_a_partly_frozen_encoder_still_trains_its_other_layers():
+    """Before: the route looked at the first layer's weight only, and ran the later layers by
+    oneDNN, which has no backward."""
+    encoder = Encoder(tiny_config())
+    for p in [*encoder.embeddings.parameters(), *encoder.stack.layers[0].parameters()]:
+        p.requires_grad_(False)
+    ids, mask = random_batch(3, 9, 64)
+    out = encoder(ids, mask)
+    out.last_hidden_state.sum().backward()
+    grad = encoder.stack.layers[1].attention.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and "gradients are wanted" in out.route
+
+
+def test_a_route_made_for_another_mask_is_refused():
+    from ctxvec.model.route import Route
+
+    encoder = Encoder(tiny_config()).eval()
+    ids, mask = random_batch(3, 9, 64)
+    with pytest.raises(ValueError, match="route was made for another attention_mask"):
+        encoder(ids, mask, route=Route())
+    assert torch.equal(encoder(ids, mask, route=Route(mask.bool())).last_hidden_state,
+                       encoder(ids, mask, route=Route(mask.bool())).last_hidden_state)
+
+
+def test_a_layer_called_on_its_own_takes_its_key_mask():
+    from ctxvec.model.masks import key_mask_from
+
+    layer = Encoder(tiny_config()).stack.layers[0].eval()
+    x = torch.randn(2, 6, 32)
+    real = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])
+    out = layer(x, key_mask_from(real)).hidden_state
+    x2 = x.clone()
+    x2[1, 4:] = 100.0  # padding: attended by nothing
+    assert torch.allclose(layer(x2, key_mask_from(real)).hidden_state[real], out[real], atol=1e-6)

@@ -15,7 +15,7 @@ import pytest
 
 import ctxvec
 from ctxvec.train import Trainer, TrainConfig
-from ctxvec.translate.translator import load_translator
+from ctxvec.translate.pipeline import load_translator
 
 LEGACY = Path(__file__).parent / "data" / "legacy"
 EXPECTED = json.loads((LEGACY / "expected.json").read_text())

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from ctxvec.loading import load, load_huggingface
 from ctxvec.weights.huggingface import minilm_dir, MINILM_SHA256
-from ctxvec.weights.safetensors import sha256_of, WeightsError
+from ctxvec.weights.tensorfile import sha256_of, WeightsError
 
 WEB = Path(__file__).resolve().parents[2] / "shared" / "data" / "web_en.txt"
 LONG_REAL = " ".join(

@@ -29,7 +29,7 @@ from ctxvec import Encoder
 from ctxvec.cli import main
 from ctxvec.model.encoder import EncoderStack, NonFiniteError
 from ctxvec.weights.huggingface import minilm_dir
-from ctxvec.weights.safetensors import WeightsError
+from ctxvec.weights.tensorfile import WeightsError
 
 from conftest import tiny_config
 

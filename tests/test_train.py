@@ -294,7 +294,7 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint(tmp_path, corpus, 
                                    (errno.EROFS, "Read-only file system")], ids=["disk-full", "read-only"])
 def test_a_failed_write_raises_and_keeps_the_previous_checkpoint(tmp_path, corpus, tokenizer_file, monkeypatch,
                                                                   error):
-    import ctxvec.weights.safetensors as ck
+    import ctxvec.weights.tensorfile as ck
 
     run = tmp_path / "run"
     config = tiny_config_file(tmp_path, 0.0)
@@ -461,3 +461,11 @@ def test_masked_lm_training_follows_bert_for_masked_lm_on_the_same_weights():
     hf_now = hf.bert.embeddings.word_embeddings.weight
     assert not torch.equal(ours_now, state["encoder.embeddings.tokens.weight"])  # it did train
     assert (ours_now - hf_now).abs().max().item() < 1e-5
+
+
+def test_bf16_training_evaluates_under_autocast(tmp_path, corpus, tokenizer_file):
+    """Before: the held-out evaluation (no gradients, bf16 autocast) crashed in the oneDNN linear."""
+    cfg = TrainConfig(**{**TINY, "steps": 2, "eval_every": 2, "save_every": 2, "precision": "bf16"})
+    result = Trainer([corpus], tmp_path / "run", cfg, preset=tiny_config_file(tmp_path, 0.0),
+                     tokenizer=str(tokenizer_file), progress=False).run()
+    assert np.isfinite(result["eval_loss"])

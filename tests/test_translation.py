@@ -22,7 +22,8 @@ from ctxvec.texts import InputFileError
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.translate.data import read_pairs, split_pairs
 from ctxvec.translate.trainer import TranslationConfig, TranslationTrainer
-from ctxvec.translate.translator import load_translator, score_translations
+from ctxvec.translate.pipeline import load_translator
+from ctxvec.translate.scores import score_translations
 
 from conftest import tiny_config
 

@@ -33,7 +33,7 @@ import numpy as np
 
 from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.files import OutputError, atomic_write_text, exclusive_lock, format_bytes, fsync_dir, write_error
-from ctxvec.model.config import is_int
+from ctxvec.validation import is_int
 from ctxvec.pipeline import Pipeline
 from ctxvec.texts import FileFormat, InputFileError, TextSource, chunks, open_texts, resolve_format
 from ctxvec.tokenizer import StrictError

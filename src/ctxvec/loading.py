@@ -24,7 +24,7 @@ from ctxvec.pipeline import Pipeline
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.weights.folders import CTXVEC_CONFIG, read_encoder_meta, write_encoder_folder
 from ctxvec.weights.huggingface import bert_config, bert_state_dict, minilm_dir, sentence_max_len, sentence_pooling
-from ctxvec.weights.safetensors import WEIGHTS_FILE, load_model
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model
 
 SEED_WEIGHTS_SEED = 0  # torch.manual_seed for the seed model's random weights
 DEFAULT_MODEL = "minilm"

@@ -8,7 +8,7 @@ batches under a token budget (little padding), then put the results back in inpu
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,7 +18,8 @@ from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length
 from ctxvec.engine.linear import repack_weights
 from ctxvec.engine.route import route_for
 from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
-from ctxvec.model.config import EncoderConfig, is_int
+from ctxvec.model.config import EncoderConfig
+from ctxvec.validation import is_int
 from ctxvec.model.encoder import Encoder
 from ctxvec.model.pooling import Pooling
 from ctxvec.tokenizer import Encoded, Tokenizer, as_texts
@@ -47,6 +48,21 @@ class TokenVectors:
     vectors: np.ndarray
     truncated: bool
     n_tokens_full: int
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    """One forward pass: ``texts`` texts padded to (``rows``, ``width``), ``real_tokens`` of them real."""
+
+    texts: int
+    rows: int
+    width: int
+    real_tokens: int
+
+    @property
+    def padding(self) -> float:
+        """The padded share of the (rows, width) batch."""
+        return 1.0 - self.real_tokens / (self.rows * self.width)
 
 
 @dataclass
@@ -119,6 +135,7 @@ class Pipeline:
         self.encoder.to(dtype)
         self.precision = precision
         return self
+
     @property
     def max_len(self) -> int:
         return self.tokenizer.max_len
@@ -127,7 +144,8 @@ class Pipeline:
     def dim(self) -> int:
         return self.encoder.config.d_model
 
-    def _forward(self, encoded: Sequence[Encoded], batch_tokens: int
+    def _forward(self, encoded: Sequence[Encoded], batch_tokens: int,
+                 on_batch: Callable[[BatchShape], None] | None = None,
                  ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
         """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch."""
         if not is_int(batch_tokens) or batch_tokens < 1:
@@ -144,6 +162,8 @@ class Pipeline:
                 batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
                 route = route_for(self.encoder, batch.attention_mask, repacked)
                 hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
+                if on_batch is not None:
+                    on_batch(BatchShape(len(indices), rows, width, sum(lengths[i] for i in indices)))
                 yield indices, hidden[: len(indices)].float(), batch.attention_mask[: len(indices)]
         release_memory()
 
@@ -159,9 +179,38 @@ class Pipeline:
                 text without a single token (``ctxvec.tokenizer.StrictError``).
         """
         texts = as_texts(texts)
-        encoded = self.tokenizer.tokenize(texts, strict=strict)
+        return self.token_vectors(texts, self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
+
+    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                           strict: bool = False) -> SentenceVectors:
+        """Sentence vectors (the model's own pooling and normalisation) and truncation facts."""
+        return self.sentence_vectors(self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
+
+    def embed(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+              strict: bool = False) -> np.ndarray:
+        """(n, d_model) float32 sentence vectors, in input order (see ``embed_with_details``)."""
+        return self.embed_with_details(texts, batch_tokens=batch_tokens, strict=strict).vectors
+
+    # ---- from texts already tokenized (``tokenizer.tokenize``): what a server batches -----------
+    def sentence_vectors(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                         on_batch: Callable[[BatchShape], None] | None = None) -> SentenceVectors:
+        """``embed_with_details`` of tokenized texts; ``on_batch`` hears of every forward pass."""
+        vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
+        for indices, hidden, mask in self._forward(encoded, batch_tokens, on_batch):
+            vectors[indices] = self.pooling(hidden, mask).numpy()
+        return SentenceVectors(
+            vectors=vectors,
+            truncated=np.array([e.truncated for e in encoded], dtype=bool),
+            n_tokens=np.array([len(e.ids) for e in encoded], dtype=np.int64),
+            n_tokens_full=np.array([e.n_tokens_full for e in encoded], dtype=np.int64),
+        )
+
+    def token_vectors(self, texts: Sequence[str], encoded: Sequence[Encoded],
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                      on_batch: Callable[[BatchShape], None] | None = None) -> list[TokenVectors]:
+        """``encode`` of tokenized texts (``texts`` are kept on the results)."""
         results: list[TokenVectors | None] = [None] * len(encoded)
-        for indices, hidden, _ in self._forward(encoded, batch_tokens):
+        for indices, hidden, _ in self._forward(encoded, batch_tokens, on_batch):
             hidden = hidden.numpy()
             for row, i in enumerate(indices):
                 e = encoded[i]
@@ -171,22 +220,3 @@ class Pipeline:
                     vectors=hidden[row, : len(e.ids)].copy(),
                     truncated=e.truncated, n_tokens_full=e.n_tokens_full)
         return results  # type: ignore[return-value]
-
-    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-                           strict: bool = False) -> SentenceVectors:
-        """Sentence vectors (the model's own pooling and normalisation) and truncation facts."""
-        encoded = self.tokenizer.tokenize(texts, strict=strict)
-        vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
-        for indices, hidden, mask in self._forward(encoded, batch_tokens):
-            vectors[indices] = self.pooling(hidden, mask).numpy()
-        return SentenceVectors(
-            vectors=vectors,
-            truncated=np.array([e.truncated for e in encoded], dtype=bool),
-            n_tokens=np.array([len(e.ids) for e in encoded], dtype=np.int64),
-            n_tokens_full=np.array([e.n_tokens_full for e in encoded], dtype=np.int64),
-        )
-
-    def embed(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
-              strict: bool = False) -> np.ndarray:
-        """(n, d_model) float32 sentence vectors, in input order (see ``embed_with_details``)."""
-        return self.embed_with_details(texts, batch_tokens=batch_tokens, strict=strict).vectors

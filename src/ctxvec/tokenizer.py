@@ -20,7 +20,7 @@ import torch
 from tokenizers import decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from ctxvec.files import atomic_write_text
-from ctxvec.model.config import is_int
+from ctxvec.validation import is_int
 from ctxvec.texts import check_utf8, lone_surrogate
 
 log = logging.getLogger(__name__)

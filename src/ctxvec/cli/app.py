@@ -6,6 +6,8 @@ The commands live in ``cli.vectors`` (encode, embed, explain, models) and ``cli.
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from pathlib import Path
 
 import click
@@ -105,3 +107,18 @@ def load_pipeline(model: str, precision: str, threads: int | None):
         click.echo(f"note: loading the built-in model {model!r}; for the folder of that name, "
                    f"give --model ./{model}", err=True)
     return load(model, precision=precision)
+
+
+def relaunch_under_torchrun(nproc: int) -> None:
+    """``--nproc N``: run this same command line in N processes with torchrun (standalone)."""
+    if nproc <= 1 or "WORLD_SIZE" in os.environ:
+        return
+    import subprocess
+
+    args = sys.argv[1:]  # this command line, less --nproc, for each process
+    if "--nproc" in args:
+        del args[args.index("--nproc"):args.index("--nproc") + 2]
+    args = [a for a in args if not a.startswith("--nproc=")]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+               "-m", "ctxvec", *args]
+    raise SystemExit(subprocess.call(command))

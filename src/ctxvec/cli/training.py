@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from pathlib import Path
 
 import click
 
-from ctxvec.cli.app import main
+from ctxvec.cli.app import main, relaunch_under_torchrun
 from ctxvec.engine.runtime import PRECISIONS, set_threads
 from ctxvec.files import atomic_write_text
 
@@ -66,21 +65,6 @@ def training_options(command):
     return command
 
 
-def _relaunch_under_torchrun(nproc: int) -> None:
-    """``--nproc N``: run this same command line in N processes with torchrun (standalone)."""
-    if nproc <= 1 or "WORLD_SIZE" in os.environ:
-        return
-    import subprocess
-
-    args = sys.argv[1:]  # this command line, less --nproc, for each process
-    if "--nproc" in args:
-        del args[args.index("--nproc"):args.index("--nproc") + 2]
-    args = [a for a in args if not a.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ctxvec", *args]
-    raise SystemExit(subprocess.call(command))
-
-
 def _run_training(make_trainer, run: Path, threads: int | None) -> None:
     """Build the trainer and train, with the run folder locked against a second job (process 0
     holds the lock; the others follow it)."""
@@ -114,7 +98,7 @@ def _run_training(make_trainer, run: Path, threads: int | None) -> None:
 @training_options
 def train(corpus, preset, run, tokenizer, threads, resume, nproc, **options) -> None:
     """Masked-LM pretraining of an encoder on CORPUS text files."""
-    _relaunch_under_torchrun(nproc)
+    relaunch_under_torchrun(nproc)
     from ctxvec.train import Trainer, TrainConfig
 
     def make():
@@ -143,10 +127,10 @@ def train_translation(pairs, preset, run, tokenizer, threads, resume, nproc, val
 
     Held out: about 3% each for validation and test, in whole groups (the books of a
     Bible-style "ref" column, else blocks of consecutive lines); on
-    ../shared/data/bible_es_en.tsv the defaults are fixed books (see `ctxvec.translation`).
+    ../shared/data/bible_es_en.tsv the defaults are fixed books (see `ctxvec.translate.data`).
     Rows with an empty cell are skipped; the run says what it trains on and holds out.
     """
-    _relaunch_under_torchrun(nproc)
+    relaunch_under_torchrun(nproc)
     from ctxvec.translate.trainer import TranslationConfig, TranslationTrainer
 
     def groups(text: str | None) -> list[str] | None:

@@ -2,7 +2,7 @@
 
 PyTorch's fused CPU kernel for ``scaled_dot_product_attention`` is blocked for long sequences;
 for the short ones text has, two batched matrix multiplies around one fp32 softmax are faster
-(``benchmarks/bench_attention.py``). ``attend`` picks the kernel by one rule.
+(``benchmarks/bench_attention.py``). ``fast_attention`` picks the kernel by one rule.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return heads.view(H, B, T, Dh).transpose(0, 1)  # (B, H, T, Dh), head-major in memory
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+def fast_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
            dropout: nn.Module) -> torch.Tensor:
     """softmax(Q·Kᵀ / √d) · V by the faster kernel for these inputs (the same numbers either way):
 

@@ -39,7 +39,8 @@ def _has_onednn_linear() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
-def _onednn_dtype(dtype: torch.dtype) -> bool:
+def onednn_dtype(dtype: torch.dtype) -> bool:
+    """Whether the oneDNN linear runs this dtype here (fp32; bf16 where it is native)."""
     return _has_onednn_linear() and (
         dtype == torch.float32 or (dtype == torch.bfloat16 and _native_bf16_cpu()))
 
@@ -48,7 +49,7 @@ def onednn_rows(x: torch.Tensor, weight: torch.Tensor) -> int:
     """``ONEDNN_ROW_MULTIPLE`` if the oneDNN linear runs activations like ``x`` against ``weight``,
     else 1: inference (no gradient) on a CPU, fp32, or bf16 where it is native.
     """
-    if (x.device.type != "cpu" or x.dtype != weight.dtype or not _onednn_dtype(x.dtype)
+    if (x.device.type != "cpu" or x.dtype != weight.dtype or not onednn_dtype(x.dtype)
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))):
         return 1
     return ONEDNN_ROW_MULTIPLE
@@ -76,18 +77,20 @@ def repack_weights(module: nn.Module) -> dict[nn.Module, torch.Tensor]:
     weights = {}
     for layer in module.modules():
         w = getattr(layer, "weight", None)
-        if isinstance(layer, nn.Linear) and w.device.type == "cpu" and _onednn_dtype(w.dtype):
+        if isinstance(layer, nn.Linear) and w.device.type == "cpu" and onednn_dtype(w.dtype):
             weights[layer] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), _ONEDNN_BATCH_HINT)
     return weights
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
            weights: dict[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
-    """``activation(layer(x))`` by the fastest exact route for this input.
+    """``activation(layer(x))`` by the fastest exact kernel for this call.
 
-    On a CPU at inference, for (M, C) inputs with M a multiple of ``ONEDNN_ROW_MULTIPLE``: the
-    oneDNN linear with the activation fused in, reading the layer's weight from ``weights``
-    (``repack_weights``) when it is there. Elsewhere (training, GPUs, other shapes): ``F.linear``.
+    On a CPU at inference, for (R, C) inputs with R a multiple of ``ONEDNN_ROW_MULTIPLE`` and the
+    layer's dtype: the oneDNN linear with the activation fused in, reading the layer's weight
+    from ``weights`` (``repack_weights``) when it is there. Elsewhere: ``F.linear``. (A route
+    that chose oneDNN for a forward pass calls this; the checks keep a call that cannot take it
+    on ``F.linear``.)
     """
     if bucketed(x) and onednn_rows(x, layer.weight) > 1:
         return onednn_linear(x, layer, activation, weights.get(layer) if weights else None)
@@ -96,13 +99,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
 
 
 def bucketed(x: torch.Tensor) -> bool:
-    """Whether ``x`` is (M, C) rows in one of oneDNN's buckets (M a multiple of the row multiple)."""
+    """Whether ``x`` is (R, C) rows in one of oneDNN's buckets (R a multiple of the row multiple)."""
     return x.dim() == 2 and x.shape[0] % ONEDNN_ROW_MULTIPLE == 0
 
 
 def onednn_linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
                   weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``activation(layer(x))`` by oneDNN: x (M, C), the layer's weight or its repacked copy."""
+    """``activation(layer(x))`` by oneDNN: x (R, C), the layer's weight or its repacked copy."""
     return torch.ops.mkldnn._linear_pointwise(
         x.contiguous(), layer.weight if weight is None else weight, layer.bias, activation or "none", [],
         "none" if activation == "gelu" else "")  # gelu algorithm "none": the erf form

@@ -1,10 +1,10 @@
-"""Packed real tokens: a padded (B, T) batch's real tokens as (M, C) rows, and back.
+"""Packed real tokens: a padded (B, T) batch's real tokens as (R, C) rows, and back.
 
 Everything in a layer but attention works token by token (projections, feed-forward,
 LayerNorm, residuals), so it can skip padding altogether: the engine packs the N real tokens
 once per forward pass, and attention alone unpacks them, per head, around softmax(Q·Kᵀ)·V.
 
-Letters: B batch, T tokens, N real tokens, M packed rows (N rounded up), C channels,
+Letters: B batch, T tokens, N real tokens, R packed rows (N rounded up), C channels,
 G head slices, H heads, Dh head width.
 """
 
@@ -17,16 +17,16 @@ import torch
 
 @dataclass
 class TokenPacking:
-    """Where the real tokens of a padded (B, T) batch are, to pack them as (M, C) rows.
+    """Where the real tokens of a padded (B, T) batch are, to pack them as (R, C) rows.
 
-    Rows N..M-1 (M = N rounded up to ``row_multiple``) are spare copies of real tokens that
+    Rows N..R-1 (R = N rounded up to ``row_multiple``) are spare copies of real tokens that
     nothing reads: they keep the matrix shapes to a few buckets (see ``engine.linear``).
     """
 
     index: torch.Tensor  # (N,) positions of the real tokens in the flattened (B * T) batch
     batch_size: int
     seq_len: int
-    gather: torch.Tensor  # (M,) the position each packed row is read from: index, then spares
+    gather: torch.Tensor  # (R,) the position each packed row is read from: index, then spares
     sources: torch.Tensor  # (B * T,) the packed row each position is read from (padding: row 0)
     # (kind, G) -> flat gather index of unpack_heads / pack_heads, made once per batch
     _head_index: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
@@ -37,8 +37,8 @@ class TokenPacking:
         flat = real.flatten()
         index = flat.nonzero().squeeze(1)  # (N,)
         n = len(index)
-        m = -(-n // row_multiple) * row_multiple
-        gather = index if m == n else index[torch.arange(m, device=index.device) % n]
+        r = -(-n // row_multiple) * row_multiple
+        gather = index if r == n else index[torch.arange(r, device=index.device) % n]
         sources = torch.zeros_like(flat, dtype=torch.long).index_copy_(
             0, index, torch.arange(n, device=index.device))
         return cls(index, real.shape[0], real.shape[1], gather, sources)
@@ -49,15 +49,15 @@ class TokenPacking:
         return len(self.index)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return x.reshape(-1, x.shape[-1]).index_select(0, self.gather)  # (B, T, C) -> (M, C)
+        return x.reshape(-1, x.shape[-1]).index_select(0, self.gather)  # (B, T, C) -> (R, C)
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.new_zeros(self.batch_size * self.seq_len, x.shape[-1])
         flat.index_copy_(0, self.index, x[: self.n_tokens])
-        return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (M, C) -> (B, T, C), 0 at padding
+        return flat.view(self.batch_size, self.seq_len, x.shape[-1])  # (R, C) -> (B, T, C), 0 at padding
 
     def unpack_heads(self, x: torch.Tensor, n_heads: int) -> torch.Tensor:
-        """(M, G * Dh) packed rows of G head slices -> (G, B * T, Dh), heads first, by one gather.
+        """(R, G * Dh) packed rows of G head slices -> (G, B * T, Dh), heads first, by one gather.
 
         Each head's (B * T, Dh) slab comes out contiguous, so attention's batched matrix
         multiplies need no further copy. Padding positions hold a copy of a real token: finite,
@@ -67,14 +67,14 @@ class TokenPacking:
         if self.n_tokens == 0:
             return x.new_zeros(n_heads, BT, Dh)
         index = self._head_index.get(("unpack", n_heads))
-        if index is None:  # slice g of position p is row sources[p] * G + g of x as (M * G, Dh)
+        if index is None:  # slice g of position p is row sources[p] * G + g of x as (R * G, Dh)
             heads = torch.arange(n_heads, device=x.device)[:, None]  # (G, 1)
             index = self._head_index[("unpack", n_heads)] = (self.sources * n_heads + heads).flatten()
-        slices = x.reshape(-1, Dh)  # (M, G * Dh) -> (M * G, Dh), a view
+        slices = x.reshape(-1, Dh)  # (R, G * Dh) -> (R * G, Dh), a view
         return slices.index_select(0, index).view(n_heads, BT, Dh)  # (G, B * T, Dh)
 
     def pack_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        """(B, H, T, Dh) attention output -> (M, H * Dh) packed rows, the heads concatenated.
+        """(B, H, T, Dh) attention output -> (R, H * Dh) packed rows, the heads concatenated.
 
         One gather when the heads are head-major in memory, as ``engine.attention.batched_attention``
         leaves them
@@ -86,4 +86,4 @@ class TokenPacking:
             offsets = torch.arange(H, device=heads.device) * (B * T)  # (H,)
             index = self._head_index[("pack", H)] = (self.gather[:, None] + offsets).flatten()
         slabs = heads.transpose(0, 1).reshape(H * B * T, Dh)  # (B, H, T, Dh) -> (H * B * T, Dh)
-        return slabs.index_select(0, index).view(-1, H * Dh)  # (M * H, Dh) -> (M, H * Dh)
+        return slabs.index_select(0, index).view(-1, H * Dh)  # (R * H, Dh) -> (R, H * Dh)

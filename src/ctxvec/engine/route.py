@@ -1,14 +1,18 @@
 """The engine's routes: the same model, run fast.
 
 ``choose`` is asked once per forward pass (``ctxvec.engine`` registers it with
-``model.route.register_route``; a pipeline asks ``route_for`` with its repacked weights) and
-returns the route with the reason it was chosen:
+``model.route.register_route``; a pipeline asks ``route_for``, with its repacked weights) and
+settles, with the reason, how the pass runs:
 
-- ``PackedRoute``, whenever some tokens are padding or the oneDNN linear runs (CPU inference):
-  the real tokens packed as rows, rounded up to ``ONEDNN_ROW_MULTIPLE`` where oneDNN keeps a
-  kernel per shape, so that every per-token step skips padding; attention unpacks them per head.
-- ``FastRoute``: the padded layout (nothing to skip, or a decoder's cached steps) with the
-  engine's attention kernel.
+- the layout. ``PackedRoute`` whenever some tokens are padding or the oneDNN linear runs: the
+  real tokens packed as rows (rounded up to ``ONEDNN_ROW_MULTIPLE`` where oneDNN keeps a kernel
+  per shape), so that every per-token step skips padding; attention unpacks them per head.
+  ``FastRoute`` keeps the padded layout (nothing to skip, a decoder's cached steps, a module
+  called on its own).
+- the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), else
+  ``F.linear`` (training, autocast, GPUs, other dtypes).
+- the attention kernel is one rule by each attention's size (``engine.attention``): the
+  reason states the rule and what it gives the stack's self-attention.
 """
 
 from __future__ import annotations
@@ -16,34 +20,35 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, attend
-from ctxvec.engine.linear import bucketed, onednn_linear, onednn_rows, packed_row_multiple
+from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, fast_attention
+import ctxvec.engine.linear as linear_kernels
+from ctxvec.engine.linear import linear, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.model.route import Route
 
 
 class FastRoute(Route):
-    """The padded layout with the engine's kernels: oneDNN for bucketed (M, C) rows, the
-    batched attention for short sequences on CPUs."""
+    """The padded layout with the engine's kernels: the oneDNN linear when ``onednn`` (for row
+    counts in its buckets), the batched attention for short sequences on CPUs."""
 
-    def __init__(self, real: torch.Tensor, reason: str, onednn: bool = False,
+    def __init__(self, real: torch.Tensor | None, reason: str, onednn: bool = False,
                  weights: dict[nn.Module, torch.Tensor] | None = None) -> None:
         super().__init__(real, reason)
         self.onednn = onednn
         self.weights = weights or {}
 
     def linear(self, x: torch.Tensor, layer: nn.Linear, activation: str | None = None) -> torch.Tensor:
-        if self.onednn and bucketed(x):
-            return onednn_linear(x, layer, activation, self.weights.get(layer))
+        if self.onednn:  # (linear still takes F.linear for a shape outside the buckets)
+            return linear(x, layer, activation, self.weights)
         return super().linear(x, layer, activation)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                dropout: nn.Module) -> torch.Tensor:
-        return attend(q, k, v, key_mask, dropout)
+        return fast_attention(q, k, v, key_mask, dropout)
 
 
 class PackedRoute(FastRoute):
-    """The real tokens packed as (M, D) rows (``TokenPacking``): padding costs nothing but in
+    """The real tokens packed as (R, D) rows (``TokenPacking``): padding costs nothing but in
     attention, which unpacks the rows per head by one gather and packs them back by another."""
 
     name = "packed"
@@ -53,68 +58,86 @@ class PackedRoute(FastRoute):
         super().__init__(real, reason, onednn, weights)
         self.packing = TokenPacking.from_mask(real, row_multiple)
 
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packing.pack(x)  # (B, T, D) -> (M, D)
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packing.pack(x)  # (B, T, D) -> (R, D)
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        return self.packing.unpack(x)  # (M, D) -> (B, T, D), 0 at padding
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packing.unpack(x)  # (R, D) -> (B, T, D), 0 at padding
 
-    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
-        packed_row = self.real.flatten().cumsum(0) - 1  # (B * T,) row of each real token in (N, D)
+    def selected_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        packed_row = self.real.flatten().cumsum(0) - 1  # (B * T,) row of each real token
         return packed_row[positions.flatten()]  # (M,)
 
     def split_heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
         B, T = self.packing.batch_size, self.packing.seq_len
-        heads = self.packing.unpack_heads(x, n)  # (M, n * Dh) -> (n, B * T, Dh), heads first
+        heads = self.packing.unpack_heads(x, n)  # (R, n * Dh) -> (n, B * T, Dh), heads first
         return heads.view(n, B, T, -1).transpose(0, 1)  # (B, n, T, Dh), head-major in memory
 
     def merge_heads(self, heads: torch.Tensor) -> torch.Tensor:
-        return self.packing.pack_heads(heads)  # (B, H, T, Dh) -> (M, H * Dh)
+        return self.packing.pack_heads(heads)  # (B, H, T, Dh) -> (R, H * Dh)
 
 
-def choose(x: torch.Tensor | None, weight: torch.Tensor, real: torch.Tensor, packable: bool = True,
+def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None, padded_only: bool = False,
            weights: dict[nn.Module, torch.Tensor] | None = None) -> Route:
-    """The engine's route for a stack whose layers hold ``weight``, on input ``x`` (None: like
-    the weight, needing no gradient) with real tokens ``real`` (B, T)."""
+    """The engine's route for ``layers`` on input ``x`` (None: like their weights, needing no
+    gradient), real tokens ``real`` (B, T) or None (the caller keeps its masks)."""
+    weight = next(layers.parameters())
     probe = x if x is not None else weight.detach()
-    onednn = packable and onednn_rows(probe, weight) > 1
+    why_not_onednn = _why_not_onednn(probe, weight, layers)
+    use_onednn = why_not_onednn is None and not padded_only
+    bucket = linear_kernels.ONEDNN_ROW_MULTIPLE
+    linears = (f"oneDNN linear ({_where(probe)}) for row counts in multiples of {bucket}" if use_onednn else f"F.linear ({why_not_onednn or 'a decoder or a module on its own'})")
+    T = real.shape[1] if real is not None else (x.shape[1] if x is not None and x.dim() == 3 else 0)
+    attention = _attention_rule(probe, T)
+    if padded_only or real is None:
+        return FastRoute(real, f"the tokens stay in place; {linears}; {attention}")
     n_real, n_all = int(real.sum()), real.numel()
-    T = real.shape[1]
-    kernel = _attention_kernel(probe, T * T)
-    if packable and (onednn or n_real < n_all):
-        multiple = packed_row_multiple(probe, weight)
-        why = [f"{n_real} of {n_all} tokens are real, only they go through the per-token steps"
-               if n_real < n_all else "every token is real"]
-        why.append(f"oneDNN linear ({_where(probe)}), rows in multiples of {multiple}" if onednn
-                   else f"F.linear ({_why_not_onednn(probe, weight)})"
-                   + (f", rows in multiples of {multiple} (bf16 autocast)" if multiple > 1 else ""))
-        return PackedRoute(real, "; ".join(why + [kernel]), multiple, onednn, weights)
-    why = "a decoder's tokens stay padded" if not packable else "every token is real and gradients are wanted"
-    return FastRoute(real, f"{why}; F.linear; {kernel}")
+    if use_onednn or n_real < n_all:
+        autocast_bf16 = _autocast(probe) == torch.bfloat16 and probe.device.type == "cpu"
+        multiple = linear_kernels.ONEDNN_ROW_MULTIPLE if use_onednn or autocast_bf16 else 1
+        layout = (f"{n_real} of {n_all} tokens are real, only they go through the per-token steps"
+                  if n_real < n_all else "every token is real, packed in rows oneDNN has a kernel for")
+        rows = f"; rows in multiples of {multiple}" + (" (oneDNN runs bf16 autocast)" if autocast_bf16 else "")
+        return PackedRoute(real, f"{layout}{rows if multiple > 1 else ''}; {linears}; {attention}", multiple,
+                           use_onednn, weights)
+    return FastRoute(real, f"every token is real; {linears}; {attention}")
 
 
 def route_for(encoder: nn.Module, attention_mask: torch.Tensor,
               weights: dict[nn.Module, torch.Tensor] | None = None) -> Route:
-    """``choose`` for an ``Encoder`` at inference, with weights repacked for it (``repack_weights``)."""
-    return choose(None, encoder.stack.layers[0].attention.qkv.weight, attention_mask.bool(), True, weights)
+    """``choose`` for an ``Encoder``'s stack at inference, with its weights repacked for oneDNN
+    (``engine.linear.repack_weights``)."""
+    return choose(None, encoder.stack, attention_mask.bool(), False, weights)
 
 
-def _attention_kernel(probe: torch.Tensor, scores_per_head: int) -> str:
+def _autocast(probe: torch.Tensor) -> torch.dtype | None:
+    kind = probe.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else None
+
+
+def _why_not_onednn(probe: torch.Tensor, weight: torch.Tensor, layers: nn.Module) -> str | None:
+    """Why the oneDNN linear cannot run these layers' matrix multiplies (None: it can)."""
     if probe.device.type != "cpu":
-        return "attention: PyTorch's fused kernel"
-    limit = FUSED_CPU_MIN_SCORES.get(probe.dtype, 0)
-    return (f"attention: batched (T·S = {scores_per_head} < {limit}), or with dropout in training"
-            if scores_per_head < limit else
-            f"attention: PyTorch's fused kernel (T·S = {scores_per_head}), batched with dropout in training")
+        return f"on {probe.device.type}"
+    if torch.is_grad_enabled() and (probe.requires_grad or any(p.requires_grad for p in layers.parameters())):
+        return "gradients are wanted"
+    if _autocast(probe) is not None:
+        return f"autocast to {str(_autocast(probe)).removeprefix('torch.')}"
+    if probe.dtype != weight.dtype or not onednn_dtype(probe.dtype):
+        return f"no oneDNN linear for {str(probe.dtype).removeprefix('torch.')} here"
+    return None
 
 
 def _where(probe: torch.Tensor) -> str:
     return f"inference on a CPU, {str(probe.dtype).removeprefix('torch.')}"
 
 
-def _why_not_onednn(probe: torch.Tensor, weight: torch.Tensor) -> str:
+def _attention_rule(probe: torch.Tensor, T: int) -> str:
+    """The attention kernel's rule, and what it gives T tokens attending to themselves."""
     if probe.device.type != "cpu":
-        return f"on {probe.device.type}"
-    if torch.is_grad_enabled() and (probe.requires_grad or weight.requires_grad):
-        return "gradients are wanted"
-    return f"no oneDNN linear for {str(probe.dtype).removeprefix('torch.')} here"
+        return "attention: PyTorch's fused kernel"
+    dtype = _autocast(probe) or probe.dtype
+    limit = FUSED_CPU_MIN_SCORES.get(dtype, 0)
+    here = ("" if not T else f" (here T·T = {T * T}: {'batched' if T * T < limit else 'fused'})")
+    return (f"attention: batched while T·S < {limit} or with dropout, else PyTorch's fused kernel{here}; "
+            "step by step where the probabilities are asked for")

@@ -8,7 +8,7 @@ from functools import lru_cache
 
 import torch
 
-from ctxvec.model.config import is_int
+from ctxvec.validation import is_int
 
 log = logging.getLogger(__name__)
 

@@ -24,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from ctxvec.model.config import EncoderConfig, is_int
+from ctxvec.model.config import EncoderConfig
+from ctxvec.validation import is_int
 from ctxvec.model.embedding import one_hot
 from ctxvec.model.encoder import Encoder
 from ctxvec.model.layer import EncoderLayer
@@ -211,9 +212,7 @@ def _layer_trace(seen: dict[tuple[str, int], tuple[tuple, Any]], i: int, layer: 
     (layer_input, *_), layer_output = seen[("layer", i)]
     attention = seen[("attention", i)][1]
     qkv = seen[("qkv", i)][1]  # (1, T, 3D): Q, K and V side by side
-    B, T, D3 = qkv.shape
-    H = layer.attention.n_heads
-    q, k, v = qkv.view(B, T, 3, H, D3 // (3 * H)).permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (1, H, T, Dh)
+    q, k, v = Route().split_heads(qkv, 3 * layer.attention.n_heads).chunk(3, dim=1)  # 3 x (1, H, T, Dh)
     (norm1_input,), norm1_output = seen[("norm1", i)]
     (norm2_input,), norm2_output = seen[("norm2", i)]
     (hidden,), ffn_output = seen[("down", i)]  # the activation's output (dropout is off)

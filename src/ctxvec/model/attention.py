@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ctxvec.model.dropout import Dropout
-from ctxvec.model.route import Route
+from ctxvec.model.route import Route, default_route
 
 
 @dataclass
@@ -32,7 +32,7 @@ class AttentionOutput:
     """What one attention layer returns.
 
     Attributes:
-        output: (B, T, D), or the route's rows.
+        output: (B, T, D), or the route's view of the tokens (or (M, D) for ``selected`` rows).
         probabilities: (B, H, T, S) softmax over the keys, only when asked for.
         key_value: the keys and values attended to, 2 x (B, H, S, Dh): what a decoder caches.
         scores: (B, H, T, S) Q·Kᵀ / √Dh, -inf at masked keys, with the probabilities.
@@ -73,7 +73,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return output, probabilities
 
 
-def attend(route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
+def attention_step(route: Route, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
            dropout: nn.Module, return_probabilities: bool
            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """Step 3 of every attention here: ``(heads, scores, probabilities)``. Step by step when the
@@ -114,14 +114,15 @@ class MultiHeadSelfAttention(nn.Module):
                 return_probabilities: bool = False, route: Route | None = None,
                 past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
                 selected: torch.Tensor | None = None) -> AttentionOutput:
-        """x: (B, T, D), or the ``route``'s rows; key_mask: bool (B, 1, 1, T).
+        """x: (B, T, D), or the ``route``'s view of them; key_mask: bool (B, 1, 1, T).
 
         ``past_key_value`` (a decoder's cache, 2 x (B, H, P, Dh)) is prepended to this call's keys
         and values, so T new tokens attend to P + T keys; key_mask is then (B, 1, T, P + T).
-        ``selected`` (M,): only these of the route's rows go through the output projection, which
-        returns (M, D). Returns an output shaped like ``x`` (or (M, D)), with the keys and values.
+        ``selected`` (M,): only these rows (of ``x`` flattened to (-1, D)) go through the output
+        projection, which returns (M, D). Returns an output shaped like ``x`` (or (M, D)), with the
+        keys and values. ``route``: how to run (default: a module on its own, ``default_route``).
         """
-        route = route or Route()
+        route = route or default_route(x, self)
         H = self.n_heads
         # 1) project: one matrix multiply gives Q, K and V
         qkv = route.linear(x, self.qkv)  # (B, T, 3D)
@@ -131,7 +132,8 @@ class MultiHeadSelfAttention(nn.Module):
             k = torch.cat([past_key_value[0], k], dim=2)  # (B, H, P + T, Dh)
             v = torch.cat([past_key_value[1], v], dim=2)  # (B, H, P + T, Dh)
         # 3) attend, per head
-        heads, scores, probabilities = attend(route, q, k, v, key_mask, self.attn_dropout, return_probabilities)
+        heads, scores, probabilities = attention_step(route, q, k, v, key_mask, self.attn_dropout,
+                                                     return_probabilities)
         # 4) concat the heads back to D
         concat = route.merge_heads(heads)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if selected is not None:
@@ -162,7 +164,7 @@ class MultiHeadCrossAttention(nn.Module):
     def project_memory(self, memory: torch.Tensor, route: Route | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
         """memory: (B, S, D) -> keys, values: 2 x (B, H, S, Dh)."""
-        route = route or Route()
+        route = route or default_route(memory, self)
         k, v = route.split_heads(route.linear(memory, self.kv), 2 * self.n_heads).chunk(2, dim=1)
         return k, v
 
@@ -172,7 +174,7 @@ class MultiHeadCrossAttention(nn.Module):
                 route: Route | None = None) -> AttentionOutput:
         """x: (B, T, D) queries; memory: (B, S, D), or its ``key_value`` from ``project_memory``;
         key_mask: bool (B, 1, 1, S), True = real source token. Returns (B, T, D)."""
-        route = route or Route()
+        route = route or default_route(x, self)
         if key_value is None:
             if memory is None:
                 raise ValueError("cross-attention needs the encoder's memory or its key_value.")
@@ -180,7 +182,7 @@ class MultiHeadCrossAttention(nn.Module):
         # 1) project the queries, 2) split them into heads
         q = route.split_heads(route.linear(x, self.q), self.n_heads)  # (B, H, T, Dh)
         # 3) attend, per head, over the source tokens
-        heads, scores, probabilities = attend(route, q, *key_value, key_mask, self.attn_dropout,
-                                              return_probabilities)
+        heads, scores, probabilities = attention_step(route, q, *key_value, key_mask, self.attn_dropout,
+                                                     return_probabilities)
         # 4) concat the heads back to D, 5) mix them with the output projection
         return AttentionOutput(route.linear(route.merge_heads(heads), self.out), probabilities, key_value, scores)

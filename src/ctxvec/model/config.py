@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
+
+from ctxvec.validation import is_int, is_real
 
 Activation = Literal["relu", "gelu"]
 Position = Literal["sinusoidal", "learned"]
 
-ACTIVATION_NAMES: tuple[str, ...] = ("relu", "gelu")
+ACTIVATION_NAMES: tuple[str, ...] = get_args(Activation)
 MAX_POSITIONS = 65_536  # the longest position table a config may ask for
-POSITION_KINDS: tuple[str, ...] = ("sinusoidal", "learned")
+POSITION_KINDS: tuple[str, ...] = get_args(Position)
 
 
 @dataclass(frozen=True)
@@ -197,13 +198,3 @@ def refuse_unknown_fields(cls: type, values: dict[str, Any]) -> None:
     unknown = sorted(set(values) - {f.name for f in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"Invalid {cls.__name__}: unknown field(s) {', '.join(unknown)}.")
-
-
-def is_int(value: Any) -> bool:
-    """An integer, and not a bool (``True`` is an ``int`` to Python, never a size to a user)."""
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    """A finite int or float, and not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -20,6 +20,7 @@ V target vocabulary, K beams. Public masks are ``attention_mask`` (B, T), 1/True
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -29,9 +30,12 @@ from ctxvec.model.attention import MultiHeadCrossAttention, MultiHeadSelfAttenti
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.dropout import Dropout
 from ctxvec.model.embedding import Embeddings
-from ctxvec.model.encoder import LayerStack, check_attention_mask, check_token_ids, init_weights
+from ctxvec.model.encoder import LayerStack, check_token_ids, init_weights
+from ctxvec.model.masks import causal_key_mask, check_attention_mask, key_mask_from
 from ctxvec.model.layer import FeedForward, add_norm, pre_norm
-from ctxvec.model.route import Route, choose_route, key_mask_from
+from ctxvec.model.route import Route, choose_route, default_route
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -102,7 +106,7 @@ class DecoderLayer(nn.Module):
                 return_attention: bool = False, route: Route | None = None) -> DecoderLayerOutput:
         """x: (B, T, D); memory: (B, S, D); self_mask: bool (B, 1, T, P + T), causal;
         memory_mask: bool (B, 1, 1, S). With a ``cache``, x holds only the new positions."""
-        route = route or Route()
+        route = route or default_route(x, self)
         nf = self.norm_first
         past = cache.self_key_value if cache is not None else None
         memory_kv = cache.memory_key_value if cache is not None else None
@@ -118,21 +122,6 @@ class DecoderLayer(nn.Module):
         return DecoderLayerOutput(x, a.probabilities, c.probabilities)
 
 
-def causal_key_mask(real: torch.Tensor, n_new: int) -> torch.Tensor | None:
-    """(B, P + T) bool real-token mask -> (B, 1, T, P + T) "may attend" mask for T new tokens.
-
-    New token i sits at position P + i and may attend to keys 0 .. P + i that are real. A query
-    left with no key at all (a row of padding) may attend to every key, so it stays finite;
-    its output is meaningless. None when every key may be attended (one new token, no padding).
-    """
-    total = real.shape[1]
-    if n_new == 1 and bool(real.all()):
-        return None
-    causal = torch.ones(n_new, total, dtype=torch.bool, device=real.device).tril(total - n_new)  # (T, P+T)
-    mask = causal[None, None] & real[:, None, None, :]  # (B, 1, T, P + T)
-    return mask | ~mask.any(dim=-1, keepdim=True)
-
-
 @dataclass
 class DecoderOutput:
     """What the decoder stack returns.
@@ -141,11 +130,13 @@ class DecoderOutput:
         last_hidden_state: (B, T, D); values at padding positions are meaningless.
         self_attentions, cross_attentions: with ``output_attentions``, each layer's
             probabilities, (B, H, T, P + T) and (B, H, T, S).
+        route: how this forward pass ran and why.
     """
 
     last_hidden_state: torch.Tensor
     self_attentions: tuple[torch.Tensor, ...] | None = None
     cross_attentions: tuple[torch.Tensor, ...] | None = None
+    route: str = ""  # how this forward pass ran and why (``model.route``)
 
 
 class DecoderStack(LayerStack):
@@ -184,8 +175,9 @@ class DecoderStack(LayerStack):
         self_mask = causal_key_mask(real, T)
         memory_real = check_attention_mask(memory_attention_mask, tuple(memory.shape[:2]), memory.device)
         memory_mask = key_mask_from(memory_real)
-        # a decoder's tokens attend causally to a cache: padded, never packed
-        route = choose_route(hidden_states, self.layers[0].self_attention.qkv.weight, real[:, past:], packable=False)
+        # the tokens stay in place: they attend causally to a cache, with masks of their own
+        route = choose_route(hidden_states, self, None, padded_only=True)
+        log.debug("decoder route: %s", route.describe())
         x = hidden_states
         self_attentions, cross_attentions = [], []
         for i, layer in enumerate(self.layers):
@@ -197,8 +189,8 @@ class DecoderStack(LayerStack):
         if self.final_norm is not None:
             x = self.final_norm(x)
         if not output_attentions:
-            return DecoderOutput(x)
-        return DecoderOutput(x, tuple(self_attentions), tuple(cross_attentions))
+            return DecoderOutput(x, route=route.describe())
+        return DecoderOutput(x, tuple(self_attentions), tuple(cross_attentions), route.describe())
 
 
 class Decoder(nn.Module):

@@ -16,6 +16,7 @@ from torch import nn
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
 from ctxvec.model.layer import EncoderLayer
+from ctxvec.model.masks import check_attention_mask, is_integer_tensor
 from ctxvec.model.route import Route, choose_route
 
 log = logging.getLogger(__name__)
@@ -42,35 +43,6 @@ class EncoderOutput:
     route: str = ""
 
 
-def is_integer_tensor(t: torch.Tensor) -> bool:
-    return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
-
-
-def check_attention_mask(attention_mask: torch.Tensor | None, shape: tuple[int, int],
-                         device: torch.device) -> torch.Tensor:
-    """Validate the public (B, T) mask and return it as bool (True = real token)."""
-    if attention_mask is None:
-        return torch.ones(shape, dtype=torch.bool, device=device)
-    if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}.")
-    if attention_mask.dtype != torch.bool and not is_integer_tensor(attention_mask):
-        raise TypeError(
-            f"attention_mask must be bool or integer with 1/True for real tokens and 0/False for "
-            f"padding; got dtype {attention_mask.dtype}. (A float mask is refused rather than "
-            "guessed: additive masks use the opposite convention.)")
-    if tuple(attention_mask.shape) != tuple(shape):
-        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but the input has "
-                         f"(batch, seq_len) = {tuple(shape)}; they must match (batch-first).")
-    if attention_mask.device != device:
-        raise ValueError(f"attention_mask is on {attention_mask.device} but the input is on {device}.")
-    if attention_mask.dtype != torch.bool:
-        if attention_mask.numel() and ((attention_mask != 0) & (attention_mask != 1)).any():
-            bad = attention_mask[(attention_mask != 0) & (attention_mask != 1)][0].item()
-            raise ValueError(f"attention_mask must contain only 0 and 1, found {bad}.")
-        attention_mask = attention_mask.bool()
-    return attention_mask
-
-
 class NonFiniteError(ValueError):
     """NaN or inf where real numbers must be: in an input, in the weights, or from an overflow."""
 
@@ -82,7 +54,7 @@ def check_finite(values: torch.Tensor, what: str, model: nn.Module, real: torch.
     attention, into every token of the text. The check costs one pass over the activations.
 
     Args:
-        values: (B, T, D) activations, or (N, D) real tokens.
+        values: (B, T, D) activations, or a route's view of them.
         what: what ``values`` are, for the message.
         model: the module whose weights are named if they are the cause.
         real: (B, T) bool; positions where it is False (padding) are not checked.
@@ -119,9 +91,11 @@ def check_token_ids(ids: torch.Tensor, config: EncoderConfig, name: str = "input
     if ids.shape[1] == 0:
         raise ValueError(f"{name} has seq_len 0; every sequence needs at least one token.")
     if start + ids.shape[1] > config.max_len:
-        raise ValueError(f"sequence length {start + ids.shape[1]} exceeds max_len={config.max_len}, "
-                         "the size of the position table; truncate the input (the tokenizer's "
-                         "max_len does it and reports which texts were cut).")
+        target = name == "tgt_ids"  # a decoder's: its own output, nothing to truncate
+        advice = "" if target else ("; truncate the input (the tokenizer's max_len does it and reports "
+                                    "which texts were cut)")
+        raise ValueError(f"{'target' if target else 'sequence'} length {start + ids.shape[1]} exceeds "
+                         f"max_len={config.max_len}, the size of the position table{advice}.")
     if ids.numel():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= config.vocab_size:
@@ -198,41 +172,48 @@ class EncoderStack(LayerStack):
             raise ValueError(f"hidden_states has width {hidden_states.shape[-1]}, the stack "
                              f"expects d_model={self.config.d_model}.")
         real = check_attention_mask(attention_mask, tuple(hidden_states.shape[:2]), hidden_states.device)
-        route = route or choose_route(hidden_states, self.layers[0].attention.qkv.weight, real)
-        log.debug("encoder route: %s", route.describe())
+        if route is None:
+            route = choose_route(hidden_states, self, real)  # once for the whole stack
+        elif not (bool(real.all()) if route.real is None
+                  else route.real.shape == real.shape and torch.equal(route.real, real)):
+            raise ValueError("route was made for another attention_mask; make it with this one "
+                             "(Route(attention_mask.bool())).")
+        description = route.describe() + ("; attention step by step: the probabilities are asked for"
+                                          if output_attentions else "")
+        log.debug("encoder route: %s", description)
         selected = self._selected(positions, real, route) if positions is not None else None
         if selected is not None and output_hidden_states:
             raise ValueError("positions and output_hidden_states cannot be combined: the last "
                              "layer computes only the chosen positions.")
         check_finite(hidden_states, "hidden_states", self, real)
-        x = route.pack(hidden_states)  # (B, T, D) -> the route's rows
-        unpack = route.unpack if selected is None else (lambda t: t)
+        x = route.arrange(hidden_states)  # (B, T, D) -> the layers' view of the tokens
+        restore = route.restore if selected is None else (lambda t: t)
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
             last = i == len(self.layers) - 1
-            out = layer(x, route, output_attentions, selected if last else None)
+            out = layer(x, route.key_mask, output_attentions, route, selected if last else None)
             x = out.hidden_state
             if self.final_norm is not None and last:
                 x = self.final_norm(x)
             if all_hidden is not None:
-                all_hidden.append(unpack(x))
+                all_hidden.append(restore(x))
             if all_attentions is not None:
                 all_attentions.append(out.attention)
         check_finite(x, "the encoder's output", self)
-        x = unpack(x)
+        x = restore(x)
         if all_hidden is not None:
             all_hidden[-1] = x
         return EncoderOutput(
             last_hidden_state=x,
             hidden_states=tuple(all_hidden) if all_hidden is not None else None,
             attentions=tuple(all_attentions) if all_attentions is not None else None,
-            route=route.describe(),
+            route=description,
         )
 
     @staticmethod
     def _selected(positions: torch.Tensor, real: torch.Tensor, route: Route) -> torch.Tensor:
-        """(B, T) bool output positions -> (M,) their indices in the route's rows."""
+        """(B, T) bool output positions -> (M,) their rows in the layers' view."""
         if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool:
             raise TypeError("positions must be a bool tensor, True where an output is wanted.")
         if positions.shape != real.shape or positions.device != real.device:
@@ -240,7 +221,7 @@ class EncoderStack(LayerStack):
                              f"must match the input's (batch, seq_len) = {tuple(real.shape)} on {real.device}.")
         if bool((positions & ~real).any()):
             raise ValueError("positions marks a padding position; only real tokens have outputs.")
-        return route.rows_at(positions)
+        return route.selected_rows(positions)
 
 
 class Encoder(nn.Module):

@@ -4,7 +4,7 @@ Add & Norm is one rule for every layer here (the decoder's too), in the model's 
 ``pre_norm`` normalises a sub-layer's input (pre-norm only), ``add_norm`` adds the sub-layer's
 output to the stream and normalises the sum (post-norm only, the seed's choice).
 
-Letters: B batch, T sequence length, D d_model, F d_ff, M rows.
+Letters: B batch, T sequence length, D d_model, F d_ff, M selected positions.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from torch import nn
 from ctxvec.model.attention import MultiHeadSelfAttention
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.dropout import Dropout
-from ctxvec.model.route import Route
+from ctxvec.model.route import Route, default_route
 
 
 def pre_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Tensor:
@@ -43,7 +43,7 @@ class FeedForward(nn.Module):
         self.down = nn.Linear(d_ff, d_model)
 
     def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
-        route = route or Route()
+        route = route or default_route(x, self)
         hidden = route.linear(x, self.up, self.activation)  # activation(up(x)): (B, T, F)
         return route.linear(self.dropout(hidden), self.down)  # (B, T, D)
 
@@ -78,20 +78,21 @@ class EncoderLayer(nn.Module):
         self.dropout2 = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
-    def forward(self, x: torch.Tensor, route: Route | None = None, return_attention: bool = False,
-                selected: torch.Tensor | None = None) -> LayerOutput:
-        """x: (B, T, D), or the ``route``'s rows. Returns the same shape.
+    def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, return_attention: bool = False,
+                route: Route | None = None, selected: torch.Tensor | None = None) -> LayerOutput:
+        """x: (B, T, D) (or a route's view of them); key_mask: bool (B, 1, 1, T). Returns x's shape.
 
-        ``selected`` (M,): compute the output only at these of the route's rows (flattened to (B * T,
-        D) or (N, D)) and return it as (M, D). Every token is still a key and value of the
-        attention; only the out-projection, the residuals, the norms and the feed-forward are
-        skipped elsewhere (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
+        ``selected`` (M,): compute the output only at these rows of ``x`` (flattened to (-1, D))
+        and return it as (M, D). Every token is still a key and value of the attention; only the
+        out-projection, the residuals, the norms and the feed-forward are skipped elsewhere
+        (what a masked-LM's last layer needs: its loss reads 15% of the tokens).
+        ``route``: how to run (default: a module on its own, ``default_route``).
         """
-        route = route or Route()
+        route = route or default_route(x, self)
         # the residual stream at the rows computed: all of x, or (M, D)
         residual = x if selected is None else x.reshape(-1, x.shape[-1]).index_select(0, selected)
-        a = self.attention(pre_norm(x, self.norm1, self.norm_first), route.key_mask, return_attention,
-                           route, selected=selected)
+        a = self.attention(pre_norm(x, self.norm1, self.norm_first), key_mask, return_attention, route,
+                           selected=selected)
         x = add_norm(residual, a.output, self.norm1, self.dropout1, self.norm_first)  # Add & Norm #1
         ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route)
         x = add_norm(x, ffn, self.norm2, self.dropout2, self.norm_first)  # Add & Norm #2

@@ -1,17 +1,18 @@
-"""How one forward pass runs: where the tokens sit and which kernels compute them.
+"""How one forward pass runs: the few operations every layer of the model is written against.
 
-The layers are written once, against the few operations of ``Route``: ``linear`` (a projection,
-with its activation), ``split_heads`` / ``merge_heads`` (the reshapes around attention) and
-``attend`` (softmax(Q·Kᵀ / √d) · V when the probabilities are not asked for; when they are,
-the attention module computes them step by step itself). This base class is the plain way, and
-the one to read: padded (B, T, D) tensors, ``nn.Linear``, PyTorch's fused attention kernel.
+A layer projects with ``linear`` (with its activation), reshapes around attention with
+``split_heads`` / ``merge_heads``, and asks ``attend`` for softmax(Q·Kᵀ / √d) · V when the
+probabilities are not wanted (when they are, the attention module computes them step by step
+itself). A stack hands its layers their input through ``arrange`` and takes it back through
+``restore``. This ``Route`` is the plain way, and the one to read: padded (B, T, D) tensors,
+``nn.Linear``, and PyTorch's fused attention kernel.
 
-``ctxvec.engine`` registers a faster route (``register_route``): the real tokens packed as rows
-so that padding costs nothing, oneDNN matrix multiplies, a batched attention for short
-sequences. It gives the same numbers. A stack asks ``choose_route`` once per forward pass, and
-the route says why it was chosen (``reason``), as PyTorch records why its fast path was skipped.
+A faster route may lay the tokens out otherwise and compute with other kernels, giving the
+same numbers; ``ctxvec.engine`` registers one (``register_route``). A stack asks
+``choose_route`` once per forward pass, and the route says why it was chosen (``reason``), as
+PyTorch records why its fast path was skipped.
 
-Letters: B batch, T tokens, D d_model, n heads asked for, Dh head width, M rows.
+Letters: B batch, T tokens, D d_model, n heads asked for, Dh head width, M selected positions.
 """
 
 from __future__ import annotations
@@ -22,29 +23,18 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ctxvec.model.masks import key_mask_from
+
 ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu}  # gelu: the exact erf form, as BERT uses
-
-
-def key_mask_from(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
-    """(B, T) bool real-token mask -> (B, 1, 1, T) "may attend" mask shared by all layers.
-
-    None when nothing is padded (the fused kernel is fastest without a mask). A row with no
-    real token at all may attend to every position, so it stays finite (elsewhere it gives NaN
-    that spreads into the gradients); its outputs are meaningless and masked out downstream.
-    """
-    if attention_mask is None or bool(attention_mask.all()):
-        return None
-    empty_rows = ~attention_mask.any(dim=1, keepdim=True)  # (B, 1)
-    return (attention_mask | empty_rows)[:, None, None, :]  # (B, 1, 1, T)
 
 
 class Route:
     """The plain route: padded (B, T, D) tensors and PyTorch's own kernels.
 
     Args:
-        real: (B, T) bool, True = real token (None: every token is real, or no stack: a
-            decoder step, a module called on its own).
-        reason: why this route runs (the engine's faster one did not apply, and why).
+        real: (B, T) bool, True = real token (None: every token is real, or the caller keeps
+            its own masks, as a decoder does).
+        reason: why this route runs.
     """
 
     name = "padded"
@@ -58,16 +48,16 @@ class Route:
         return f"{self.name}: {self.reason}"
 
     # ---- where the tokens sit ---------------------------------------------------------------
-    def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """The layers' rows of a (B, T, D) batch: here the batch itself."""
+    def arrange(self, x: torch.Tensor) -> torch.Tensor:
+        """The layers' view of a (B, T, D) batch: here the batch itself."""
         return x
 
-    def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, D) again, 0 at padding."""
+    def restore(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, D) from the layers' view, 0 at padding."""
         return x if self.real is None else x.masked_fill(~self.real[..., None], 0.0)
 
-    def rows_at(self, positions: torch.Tensor) -> torch.Tensor:
-        """(B, T) bool positions -> (M,) their indices in the layers' rows flattened to (B * T, D)."""
+    def selected_rows(self, positions: torch.Tensor) -> torch.Tensor:
+        """(B, T) bool positions -> (M,) their rows in the layers' view flattened to (-1, D)."""
         return positions.flatten().nonzero().squeeze(1)
 
     def split_heads(self, x: torch.Tensor, n: int) -> torch.Tensor:
@@ -96,30 +86,30 @@ class Route:
                                               dropout_p=dropout.p if dropout.training else 0.0)
 
 
-# Faster routes, by ``ctxvec.engine``: each takes (the stack's input, a weight of its layers,
-# the real-token mask, whether the tokens may be packed) and returns a Route, or why it does not
-# apply.
-FastRouteChooser = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, bool], "Route | str"]
-_FAST_ROUTES: list[FastRouteChooser] = []
+# A faster route (``ctxvec.engine`` registers one): takes (a stack's input or None, the layers,
+# the real-token mask or None, whether the tokens must stay padded) and returns its Route.
+RouteChooser = Callable[[torch.Tensor | None, nn.Module, torch.Tensor | None, bool], Route]
+_CHOOSERS: list[RouteChooser] = []
 
 
-def register_route(choose: FastRouteChooser) -> None:
-    """Offer a faster route to every stack (``ctxvec.engine`` does, on import)."""
-    _FAST_ROUTES.append(choose)
+def register_route(choose: RouteChooser) -> None:
+    """Run the model by ``choose``'s routes from now on (``ctxvec.engine`` does, on import)."""
+    _CHOOSERS.append(choose)
 
 
-def choose_route(x: torch.Tensor, weight: torch.Tensor, real: torch.Tensor, packable: bool = True) -> Route:
-    """The route of one forward pass: the first registered one that applies, else the plain one.
+def choose_route(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
+                 padded_only: bool = False) -> Route:
+    """The route of one forward pass of ``layers`` on ``x``: the registered one, else the plain one.
 
-    x: the stack's input (B, T, D); weight: a weight of its layers (its dtype, device and
-    gradient say how they will run); real: (B, T) bool real-token mask; packable: whether the
-    tokens may be packed as rows (an encoder's may; a decoder's, attending causally to a cache,
-    may not).
+    real: (B, T) bool real-token mask (None: the caller keeps its own masks); padded_only: the
+    tokens must stay in their (B, T) places (a decoder attends causally to a cache; a module
+    called on its own knows no batch layout).
     """
-    reasons = []
-    for choose in _FAST_ROUTES:
-        route = choose(x, weight, real, packable)
-        if isinstance(route, Route):
-            return route
-        reasons.append(route)
-    return Route(real, "; ".join(reasons) or "no faster route is registered (import ctxvec.engine)")
+    if _CHOOSERS:
+        return _CHOOSERS[-1](x, layers, real, padded_only)
+    return Route(real, "no faster route is registered (ctxvec.engine registers one)")
+
+
+def default_route(x: torch.Tensor, module: nn.Module) -> Route:
+    """The route of a module called on its own, outside a stack: padded, its caller's masks."""
+    return choose_route(x, module, None, padded_only=True)

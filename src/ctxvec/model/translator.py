@@ -17,7 +17,8 @@ from torch.nn import functional as F
 
 from ctxvec.model.config import Seq2SeqConfig
 from ctxvec.model.decoder import Decoder
-from ctxvec.model.encoder import Encoder, check_attention_mask
+from ctxvec.model.encoder import Encoder
+from ctxvec.model.masks import check_attention_mask
 
 
 @dataclass
@@ -49,7 +50,7 @@ def sequence_loss(logits: torch.Tensor, labels: torch.Tensor, label_mask: torch.
     if not 0.0 <= label_smoothing < 1.0:
         raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing!r}.")
     real = check_attention_mask(label_mask, tuple(labels.shape), labels.device)
-    if not bool(real.any()):
+    if reduction == "mean" and not bool(real.any()):  # (a sum of nothing is 0; a mean of it is not)
         raise ValueError("label_mask has no real token: there is nothing to predict.")
     labels = labels.masked_fill(~real, -100)  # -100: ignored by cross_entropy
     return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten().long(), ignore_index=-100,
@@ -106,17 +107,23 @@ class Translator(nn.Module):
 
     def loss(self, src_ids: torch.Tensor, src_mask: torch.Tensor | None, tgt_ids: torch.Tensor,
              tgt_mask: torch.Tensor | None = None, label_smoothing: float = 0.1) -> torch.Tensor:
-        """Teacher-forced cross-entropy with label smoothing (0.1, as in Vaswani et al.).
+        """Teacher-forced cross-entropy with label smoothing (0.1, as in Vaswani et al.), the mean
+        over the predicted tokens (``teacher_forced_loss``)."""
+        return teacher_forced_loss(self, src_ids, src_mask, tgt_ids, tgt_mask, label_smoothing)
 
-        tgt_ids: (B, T) = BOS, y_1 .. y_n, EOS, padding: the decoder reads tokens 0 .. T-2 and
-        predicts tokens 1 .. T-1; padding (tgt_mask 0) is ignored.
-        """
-        if isinstance(tgt_ids, torch.Tensor) and (tgt_ids.dim() != 2 or tgt_ids.shape[1] < 2):
-            raise ValueError("tgt_ids must be (batch, seq_len >= 2): BOS, tokens, EOS; "
-                             f"got {tuple(tgt_ids.shape)}.")
-        if tgt_mask is not None:
-            tgt_mask = check_attention_mask(tgt_mask, tuple(tgt_ids.shape), tgt_ids.device)
-        inputs, labels = tgt_ids[:, :-1], tgt_ids[:, 1:]  # (B, T-1) each
-        out = self(src_ids, src_mask, inputs, tgt_mask[:, :-1] if tgt_mask is not None else None)
-        label_mask = tgt_mask[:, 1:] if tgt_mask is not None else None
-        return sequence_loss(out.logits, labels, label_mask, label_smoothing)
+
+def teacher_forced_loss(model: nn.Module, src_ids: torch.Tensor, src_mask: torch.Tensor | None,
+                        tgt_ids: torch.Tensor, tgt_mask: torch.Tensor | None = None, label_smoothing: float = 0.1,
+                        reduction: str = "mean") -> torch.Tensor:
+    """tgt_ids: (B, T) = BOS, y_1 .. y_n, EOS, padding: the decoder reads tokens 0 .. T-2 and
+    predicts tokens 1 .. T-1; padding (tgt_mask 0) is ignored. ``model`` is a ``Translator`` or a
+    wrapper that calls one (``DistributedDataParallel``)."""
+    if isinstance(tgt_ids, torch.Tensor) and (tgt_ids.dim() != 2 or tgt_ids.shape[1] < 2):
+        raise ValueError("tgt_ids must be (batch, seq_len >= 2): BOS, tokens, EOS; "
+                         f"got {tuple(tgt_ids.shape)}.")
+    if tgt_mask is not None:
+        tgt_mask = check_attention_mask(tgt_mask, tuple(tgt_ids.shape), tgt_ids.device)
+    inputs, labels = tgt_ids[:, :-1], tgt_ids[:, 1:]  # (B, T-1) each
+    out = model(src_ids, src_mask, inputs, tgt_mask[:, :-1] if tgt_mask is not None else None)
+    label_mask = tgt_mask[:, 1:] if tgt_mask is not None else None
+    return sequence_loss(out.logits, labels, label_mask, label_smoothing, reduction)

@@ -178,6 +178,7 @@ class Trainer(TrainingRun):
 
     def export(self) -> None:
         """The run folder's top: a model that ``ctxvec.load(run)`` reads (mean pooling)."""
-        write_encoder_folder(self.run_dir, self.model.encoder.state_dict(), self.model.encoder.config,
-                             self.tokenizer, Pooling("mean"), self.cfg.seq_len,
+        state = {k: v.float() for k, v in self.model.encoder.state_dict().items()}
+        write_encoder_folder(self.run_dir, state, self.model.encoder.config, None,  # the run holds its tokenizer
+                             Pooling("mean"), self.cfg.seq_len,
                              f"masked-LM encoder trained by ctxvec ({self.run_dir})")

@@ -17,7 +17,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -28,9 +27,11 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from ctxvec.engine.distributed import Dist, setup_distributed
 from ctxvec.engine.runtime import precision_dtype
 from ctxvec.files import exclusive_lock
-from ctxvec.model.config import EncoderConfig, is_int
+from ctxvec.model.config import EncoderConfig
+from ctxvec.validation import is_int
 from ctxvec.model.encoder import NonFiniteError
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.weights.checkpoint import (
@@ -78,46 +79,6 @@ class TrainConfig:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - self.warmup))
-
-
-# ---- processes ------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            dist.barrier()
-
-    def sum(self, value: torch.Tensor) -> torch.Tensor:
-        """The sum over processes (NCCL reduces on the GPU: the value travels there and back)."""
-        if self.world > 1:
-            on_device = value.to(self.device, copy=True)
-            dist.all_reduce(on_device)
-            value = on_device.to(value.device)
-        return value
-
-
-def setup_distributed() -> Dist:
-    """Join the ``torchrun`` group if there is one: NCCL with CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    cuda = torch.cuda.is_available()
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device("cuda", local) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo")
-    return Dist(dist.get_rank(), dist.get_world_size(), device)
 
 
 # ---- the run --------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from ctxvec.model.translator import Translator
-from ctxvec.model.config import is_int, is_real
-from ctxvec.model.encoder import check_attention_mask, check_token_ids
+from ctxvec.validation import is_int, is_real
+from ctxvec.model.encoder import check_token_ids
+from ctxvec.model.masks import check_attention_mask
 
 
 @dataclass

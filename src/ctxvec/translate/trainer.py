@@ -19,11 +19,12 @@ from torch import nn
 
 from ctxvec.engine.batching import LENGTH_MULTIPLE, length_sorted_batches, padded_shape
 from ctxvec.model.config import Seq2SeqConfig
-from ctxvec.model.translator import Translator, sequence_loss
+from ctxvec.model.translator import Translator, teacher_forced_loss
 from ctxvec.tokenizer import Encoded, Tokenizer
 from ctxvec.train.run import TrainConfig, TrainingRun, model_config, prepare_tokenizer
 from ctxvec.translate.data import BIBLE_TEST_BOOKS, BIBLE_VALID_BOOKS, Pair, _first_few, _natural, read_pairs, split_pairs
-from ctxvec.translate.translator import export_translator, score_translations, translate_texts
+from ctxvec.translate.pipeline import export_translator, translate_texts
+from ctxvec.translate.scores import score_translations
 
 PRESETS = {
     # a small Transformer for a CPU: 3 + 3 layers x 256, 4 heads, FFN 1024, pre-norm
@@ -179,9 +180,8 @@ class TranslationTrainer(TrainingRun):
 
     def loss_sum(self, model: nn.Module, batch, label_smoothing: float | None = None) -> torch.Tensor:
         src, src_mask, tgt, tgt_mask = batch
-        logits = model(src, src_mask, tgt[:, :-1], tgt_mask[:, :-1]).logits  # (B, T-1, V): teacher forcing
         smoothing = self.cfg.label_smoothing if label_smoothing is None else label_smoothing
-        return sequence_loss(logits, tgt[:, 1:], tgt_mask[:, 1:], smoothing, reduction="sum")
+        return teacher_forced_loss(model, src, src_mask, tgt, tgt_mask.bool(), smoothing, reduction="sum")
 
     # -- evaluation --
     @torch.no_grad()

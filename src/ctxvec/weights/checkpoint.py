@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from ctxvec.files import fsync_file, atomic_write_text, fsync_dir, write_error
-from ctxvec.weights.safetensors import save_tensors
+from ctxvec.weights.tensorfile import save_tensors
 
 LATEST = "latest.json"
 

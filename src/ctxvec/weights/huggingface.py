@@ -18,7 +18,7 @@ import torch
 from ctxvec.files import read_json
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.pooling import Pooling
-from ctxvec.weights.safetensors import WEIGHTS_FILE, WeightsError, sha256_of
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, WeightsError, sha256_of
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""A trained translator as a folder, and translating with it.
+"""A trained translator: its folder, and the pipeline that turns texts into texts with it.
 
 ``export_translator`` writes the folder (``translator.json``, ``model.safetensors``,
 ``tokenizer.json``; ``weights.folders``), ``load_translator`` reads it back, and
@@ -14,14 +14,12 @@ from pathlib import Path
 import torch
 
 from ctxvec.engine.batching import length_sorted_batches
-from ctxvec.files import read_json
-from ctxvec.model.config import Seq2SeqConfig
 from ctxvec.model.translator import Translator
 from ctxvec.tokenizer import CLS, SEP, Tokenizer
 from ctxvec.translate.decoding import beam_search, greedy_decode
 from ctxvec.weights.checkpoint import unique_state, with_aliases
-from ctxvec.weights.folders import TRANSLATOR_CONFIG, write_model_folder
-from ctxvec.weights.safetensors import WEIGHTS_FILE, load_model
+from ctxvec.weights.folders import TRANSLATOR_CONFIG, read_translator_meta, write_model_folder
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model
 
 
 def export_translator(folder: str | Path, model: Translator, tokenizer: Tokenizer, max_len: int,
@@ -29,7 +27,8 @@ def export_translator(folder: str | Path, model: Translator, tokenizer: Tokenize
     """Write ``model`` as a translation folder that ``load_translator`` reads back exactly."""
     meta = {"seq2seq": model.config.to_dict(), "max_len": max_len, "bos": CLS, "eos": SEP,
             "description": description}
-    write_model_folder(folder, unique_state(model), tokenizer, TRANSLATOR_CONFIG, meta)
+    write_model_folder(folder, {k: v.float() for k, v in unique_state(model).items()}, tokenizer,
+                       TRANSLATOR_CONFIG, meta)
 
 
 @dataclass
@@ -50,22 +49,14 @@ class TranslatorPipeline:
 def load_translator(folder: str | Path) -> TranslatorPipeline:
     """A folder written by ``ctxvec train-translation`` (or ``export_translator``)."""
     folder = Path(folder)
-    if not (folder / TRANSLATOR_CONFIG).is_file():
-        raise ValueError(f"{folder} is not a translation model (no {TRANSLATOR_CONFIG}); train one with "
-                         "`ctxvec train-translation`.")
-    meta = read_json(folder / TRANSLATOR_CONFIG)
-    try:
-        config = Seq2SeqConfig.from_dict(meta["seq2seq"])
-        max_len = int(meta["max_len"])
-    except (KeyError, TypeError) as err:
-        raise ValueError(f"{folder / TRANSLATOR_CONFIG} lacks {err}.") from None
+    config, max_len, description = read_translator_meta(folder)
     tokenizer = Tokenizer.load(folder / "tokenizer.json", max_len=max_len)
     if tokenizer.vocab_size != config.encoder.vocab_size:
         raise ValueError(f"{folder}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"embedding has {config.encoder.vocab_size} rows.")
     n_layers = config.encoder.n_layers + (config.n_decoder_layers or config.encoder.n_layers)
     model = load_model(lambda: Translator(config), folder / WEIGHTS_FILE, n_layers, with_aliases)
-    return TranslatorPipeline(model.eval(), tokenizer, max_len, meta.get("description", ""))
+    return TranslatorPipeline(model.eval(), tokenizer, max_len, description)
 
 
 @torch.no_grad()
@@ -92,14 +83,3 @@ def translate_texts(model: Translator, tokenizer: Tokenizer, texts: Sequence[str
             out[i] = tokenizer.decode(ids)
     model.train(was_training)
     return out
-
-
-def score_translations(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu, detokenized text, default settings) and their signatures."""
-    from sacrebleu.metrics import BLEU, CHRF
-
-    bleu, chrf = BLEU(), CHRF()
-    b = bleu.corpus_score(list(hypotheses), [list(references)])
-    c = chrf.corpus_score(list(hypotheses), [list(references)])
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": str(bleu.get_signature()),
-            "chrf_signature": str(chrf.get_signature())}
