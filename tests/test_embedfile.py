@@ -102,6 +102,65 @@ def test_embed_interrupted_then_resumed_equals_uninterrupted(tmp_path, tiny_mode
     assert sorted(p.name for p in tmp_path.iterdir()) == ["v.npy"]  # no leftovers
 
 
+# ---- several processes: disjoint line ranges, one output ---------------------------------------
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one_and_each_resumes_its_own_range(tmp_path, tiny_model, resume_case):
+    """``--nproc 2`` (torchrun's launcher, gloo): the same bytes as one process; interrupted, each
+    process keeps its own progress, and ``--resume`` finishes to the same bytes again."""
+    src, reference = resume_case
+    out = tmp_path / "v.npy"
+    two = subprocess.run(_embed_command(src, out, tiny_model, "--nproc", "2"), capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    assert f"embedded {len(reference)} texts" in two.stdout and "Traceback" not in two.stderr
+    assert np.array_equal(np.load(out), reference)
+    assert _leftovers(tmp_path, {"v.npy"}) == []
+    out.unlink()
+
+    # Ctrl-C while both processes are part-way through their ranges (lines 0-3999 and 4000-7999)
+    proc = subprocess.Popen(_embed_command(src, out, tiny_model, "--nproc", "2"), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    _wait_for_progress(tmp_path / ".v.npy.progress.1-of-2.json", proc, 4500)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "--resume" in stderr
+    assert not out.exists()
+    done = [json.loads((tmp_path / f".v.npy.progress.{r}-of-2.json").read_text())["done"] for r in (0, 1)]
+    assert 0 < done[0] < 4000 and 4500 <= done[1] < 8000, done
+
+    one = subprocess.run(_embed_command(src, out, tiny_model, "--resume"), capture_output=True, text=True)
+    assert "processes was 2, now 1" in _one_line_error(one)  # the ranges are the job's: same --nproc
+    resumed = subprocess.run(_embed_command(src, out, tiny_model, "--nproc", "2", "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert np.array_equal(np.load(out), reference)
+    assert _leftovers(tmp_path, {"v.npy"}) == []
+
+
+def test_a_failure_in_one_process_is_one_line_naming_it(tmp_path, tiny_model):
+    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
+    _corpus(src, 300)
+    lines = src.read_text().splitlines()
+    lines[250] = ""  # in the second process's range
+    src.write_text("\n".join(lines) + "\n")
+    proc = subprocess.run(_embed_command(src, out, tiny_model, "--nproc", "2", "--strict"),
+                          capture_output=True, text=True)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "line 251: has no tokens" in proc.stderr
+    assert "Error: process 1 of 2 stopped (exit code 1); its message is above." in proc.stderr.splitlines()
+    assert not out.exists()
+
+
+def test_several_processes_refuse_a_pipe(tmp_path, tiny_model):
+    out = tmp_path / "v.npy"
+    proc = subprocess.run(_embed_command("-", out, tiny_model, "--nproc", "2"), input="a\nb\n",
+                          capture_output=True, text=True)
+    assert "is a pipe; 2 processes need a file each can read" in proc.stderr
+    assert "Traceback" not in proc.stderr and proc.returncode != 0
+    assert _leftovers(tmp_path, set()) == []
+
+
 def _stop_after(n_chunks: int):
     def on_progress(done: int, total: int) -> None:
         on_progress.calls += 1

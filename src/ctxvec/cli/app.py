@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
+from ctxvec.engine.distributed import PeerStopped
 from ctxvec.engine.runtime import PRECISIONS, set_threads
 from ctxvec.files import OutputError
 # click 8.2+ raises it for a bare `ctxvec`, to print the help (not an error to flatten)
@@ -47,6 +48,8 @@ def _errors_as_one_line():
         raise UsageError(_one_line(f"{err.format_message()} (see `{where} --help`)")) from None
     except click.ClickException:
         raise
+    except PeerStopped as err:
+        raise click.ClickException(str(err)) from None
     except (ValueError, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename:
             raise click.ClickException(_one_line(f"{err.filename}: {(err.strerror or str(err)).lower()}.")) from None
@@ -110,15 +113,38 @@ def load_pipeline(model: str, precision: str, threads: int | None):
 
 
 def relaunch_under_torchrun(nproc: int) -> None:
-    """``--nproc N``: run this same command line in N processes with torchrun (standalone)."""
+    """``--nproc N``: run this same command line in N processes on this machine, as ``torchrun
+    --standalone`` would (PyTorch's elastic launcher), then exit with their outcome.
+
+    Each process prints its own one-line error; a failure adds one line naming the process, in
+    place of the launcher's report and traceback.
+    """
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         return
-    import subprocess
+    import logging
+    import uuid
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     args = sys.argv[1:]  # this command line, less --nproc, for each process
     if "--nproc" in args:
         del args[args.index("--nproc"):args.index("--nproc") + 2]
     args = [a for a in args if not a.startswith("--nproc=")]
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "ctxvec", *args]
-    raise SystemExit(subprocess.call(command))
+    # the cores shared out between the processes (--threads still decides within each)
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    logging.getLogger("torch.distributed").setLevel(logging.CRITICAL)  # the launcher's chatter
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()),
+                          rdzv_backend="c10d", rdzv_endpoint="localhost:0", max_restarts=0,
+                          monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "ctxvec", *args)
+    except ChildFailedError as err:
+        rank, failure = err.get_first_failure()
+        click.echo(f"Error: process {rank} of {nproc} stopped (exit code {failure.exitcode}); "
+                   "its message is above.", err=True)
+        raise SystemExit(failure.exitcode if 0 < failure.exitcode < 256 else 1) from None
+    except SignalException as err:
+        raise SystemExit(128 + err.sigval) from None
+    raise SystemExit(0)

@@ -13,7 +13,7 @@ import click
 import numpy as np
 from tqdm import tqdm
 
-from ctxvec.cli.app import load_pipeline, main, model_options
+from ctxvec.cli.app import load_pipeline, main, model_options, relaunch_under_torchrun
 from ctxvec.embed_file import DEFAULT_CHUNK
 from ctxvec.files import atomic_write_bytes, atomic_write_text
 
@@ -90,8 +90,11 @@ def _write_vectors(path: Path, results: list, model: str) -> None:
               help="Continue an interrupted run (same file, model and options) from its last finished chunk.")
 @click.option("--chunk-size", type=click.IntRange(min=1), default=DEFAULT_CHUNK, show_default=True,
               help="Texts per chunk: sorted by length and embedded together; the unit of --resume.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine, each embedding a range of the file (runs torchrun for you); "
+                   "for several machines, run torchrun yourself with an output folder they all see.")
 def embed(file: Path, output: Path, model: str, precision: str, threads: int | None, batch_tokens: int,
-          fmt: str, strict: bool, resume: bool, chunk_size: int) -> None:
+          fmt: str, strict: bool, resume: bool, chunk_size: int, nproc: int) -> None:
     """Embed FILE, one text per line, into sentence vectors written in input order.
 
     FILE may be - (standard input) or a pipe. The input is streamed in chunks (memory stays
@@ -101,16 +104,21 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
     to an uninterrupted run.
     """
     from ctxvec.embed_file import EmbedInterrupted, embed_file
+    from ctxvec.engine.distributed import setup_distributed
     from ctxvec.texts import STDIN
     from ctxvec.tokenizer import StrictError
 
     if output.suffix != ".npy":
         raise click.BadParameter("the output must be a .npy file", param_hint="--output")
+    relaunch_under_torchrun(nproc)
+    processes = setup_distributed()
     name = "standard input" if str(file) == STDIN else str(file)
     pipeline = load_pipeline(model, precision, threads)
     bars: list[tqdm] = []  # made when the job starts: an error before it stays one line
 
     def progress(done: int, total: int) -> None:
+        if not processes.main:
+            return
         if not bars:
             bars.append(tqdm(total=total, unit="text", desc="embedding", file=sys.stderr, dynamic_ncols=True))
         bars[0].update(done - bars[0].n)
@@ -119,7 +127,8 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
         with _signals_as_interrupt():
             try:
                 result = embed_file(pipeline, file, output, fmt=fmt, batch_tokens=batch_tokens,  # type: ignore[arg-type]
-                                    strict=strict, resume=resume, chunk_size=chunk_size, on_progress=progress)
+                                    strict=strict, resume=resume, chunk_size=chunk_size, on_progress=progress,
+                                    processes=processes)
             finally:
                 for bar in bars:
                     bar.close()
@@ -128,6 +137,8 @@ def embed(file: Path, output: Path, model: str, precision: str, threads: int | N
         raise SystemExit(130) from None
     except StrictError as err:
         raise click.ClickException(f"{name}, line {err.index + 1}: {err.problem} (--strict).") from None
+    if not processes.main:
+        return
     done = result.n_texts
     resumed = f", resumed after {result.resumed_from}" if result.resumed_from else ""
     click.echo(f"embedded {done} texts with {pipeline.name} ({precision}) -> {output} "

@@ -3,11 +3,26 @@ that run in several processes (training, embedding a file) need of it."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+class PeerStopped(Exception):
+    """Another process of the group stopped (its own error says why): this one cannot go on."""
+
+
+@contextlib.contextmanager
+def _together(world: int):
+    """A collective call; a peer that died turns gloo's or NCCL's error into ``PeerStopped``."""
+    try:
+        yield
+    except RuntimeError as err:  # (torch.distributed's DistError is one)
+        raise PeerStopped(f"another of the {world} processes stopped (its message is above), "
+                          "so this one stops too.") from err
 
 
 @dataclass
@@ -24,21 +39,24 @@ class Dist:
 
     def barrier(self) -> None:
         if self.world > 1:
-            dist.barrier()
+            with _together(self.world):
+                dist.barrier()
 
     def agree(self, flag: bool) -> bool:
         """Process 0's ``flag``, for every process: one decision, taken the same way everywhere."""
         if self.world == 1:
             return flag
         value = torch.tensor([int(flag)], device=self.device)
-        dist.broadcast(value, src=0)
+        with _together(self.world):
+            dist.broadcast(value, src=0)
         return bool(value.item())
 
     def sum(self, value: torch.Tensor) -> torch.Tensor:
         """The sum over processes (NCCL reduces on the GPU: the value travels there and back)."""
         if self.world > 1:
             on_device = value.to(self.device, copy=True)
-            dist.all_reduce(on_device)
+            with _together(self.world):
+                dist.all_reduce(on_device)
             value = on_device.to(value.device)
         return value
 
