@@ -121,6 +121,7 @@ class Pipeline:
         self.name = name
         self.description = description
         self.precision = "fp32"
+        self._kept_weights: dict | None = None  # see keep_repacked_weights
 
     def set_precision(self, precision: str) -> Pipeline:
         """Run the encoder in "fp32" (exact) or "bf16" (weights and activations in bfloat16).
@@ -134,6 +135,16 @@ class Pipeline:
                         "be much slower than fp32 here.", "GPU" if device.type == "cuda" else "CPU")
         self.encoder.to(dtype)
         self.precision = precision
+        if self._kept_weights is not None:
+            self.keep_repacked_weights()  # again, in the new dtype
+        return self
+
+    def keep_repacked_weights(self) -> Pipeline:
+        """Repack the weights for oneDNN once and keep them, for a process that only runs
+        inference on fixed weights (the server): every call then takes the repacked route, even
+        a batch of one text (otherwise a call repacks from three batches on). Costs a second copy
+        of the weights' memory; call it again after changing the weights. Returns the pipeline."""
+        self._kept_weights = repack_weights(self.encoder)
         return self
 
     @property
@@ -145,9 +156,10 @@ class Pipeline:
         return self.encoder.config.d_model
 
     def _forward(self, encoded: Sequence[Encoded], batch_tokens: int,
-                 on_batch: Callable[[BatchShape], None] | None = None,
+                 on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                  ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch."""
+        """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch; ``trim``:
+        give freed heap memory back to the system at the end (``release_memory``)."""
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
@@ -155,7 +167,8 @@ class Pipeline:
         with torch.inference_mode():
             # Repacking the weights for oneDNN costs about a tenth of a batch and saves about
             # as much per batch: worth it from three batches on. The copies live for this call.
-            repacked = repack_weights(self.encoder) if len(batches) > 2 else {}
+            repacked = (self._kept_weights if self._kept_weights is not None
+                        else repack_weights(self.encoder) if len(batches) > 2 else {})
             for indices in batches:
                 rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
                                            self.encoder.config.max_len)
@@ -165,7 +178,8 @@ class Pipeline:
                 if on_batch is not None:
                     on_batch(BatchShape(len(indices), rows, width, sum(lengths[i] for i in indices)))
                 yield indices, hidden[: len(indices)].float(), batch.attention_mask[: len(indices)]
-        release_memory()
+        if trim:
+            release_memory()
 
     def encode(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                strict: bool = False) -> list[TokenVectors]:
@@ -196,8 +210,8 @@ class Pipeline:
                          on_batch: Callable[[BatchShape], None] | None = None) -> SentenceVectors:
         """``embed_with_details`` of tokenized texts; ``on_batch`` hears of every forward pass."""
         vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
-        for indices, hidden, mask in self._forward(encoded, batch_tokens, on_batch):
-            vectors[indices] = self.pooling(hidden, mask).numpy()
+        for indices, batch_vectors in self.sentence_vector_batches(encoded, batch_tokens, on_batch):
+            vectors[indices] = batch_vectors
         return SentenceVectors(
             vectors=vectors,
             truncated=np.array([e.truncated for e in encoded], dtype=bool),
@@ -210,13 +224,35 @@ class Pipeline:
                       on_batch: Callable[[BatchShape], None] | None = None) -> list[TokenVectors]:
         """``encode`` of tokenized texts (``texts`` are kept on the results)."""
         results: list[TokenVectors | None] = [None] * len(encoded)
-        for indices, hidden, _ in self._forward(encoded, batch_tokens, on_batch):
-            hidden = hidden.numpy()
-            for row, i in enumerate(indices):
-                e = encoded[i]
-                results[i] = TokenVectors(
-                    text=texts[i], tokens=e.tokens, ids=list(e.ids),
-                    special=[bool(s) for s in e.special_tokens_mask],
-                    vectors=hidden[row, : len(e.ids)].copy(),
-                    truncated=e.truncated, n_tokens_full=e.n_tokens_full)
+        for indices, batch_results in self.token_vector_batches(texts, encoded, batch_tokens, on_batch):
+            for i, result in zip(indices, batch_results):
+                results[i] = result
         return results  # type: ignore[return-value]
+
+    # ---- batch by batch, as each forward pass ends (a server answers requests as they are done) --
+    def sentence_vector_batches(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                                on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
+                                ) -> Iterator[tuple[list[int], np.ndarray]]:
+        """(indices into ``encoded``, their sentence vectors (len(indices), D)) per forward pass.
+
+        ``on_batch`` hears of every forward pass; ``trim=False`` leaves freed memory to the
+        caller (``engine.runtime.release_memory``): one that makes many small calls in a row, as
+        the server does, trims when it is idle instead of after every call (~10% of a small call).
+        """
+        for indices, hidden, mask in self._forward(encoded, batch_tokens, on_batch, trim):
+            yield indices, self.pooling(hidden, mask).numpy()
+
+    def token_vector_batches(self, texts: Sequence[str], encoded: Sequence[Encoded],
+                             batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                             on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
+                             ) -> Iterator[tuple[list[int], list[TokenVectors]]]:
+        """(indices into ``encoded``, their ``TokenVectors``) per forward pass (the arguments as
+        for ``sentence_vector_batches``)."""
+        for indices, hidden, _ in self._forward(encoded, batch_tokens, on_batch, trim):
+            hidden = hidden.numpy()
+            yield indices, [TokenVectors(
+                text=texts[i], tokens=encoded[i].tokens, ids=list(encoded[i].ids),
+                special=[bool(s) for s in encoded[i].special_tokens_mask],
+                vectors=hidden[row, : len(encoded[i].ids)].copy(),
+                truncated=encoded[i].truncated, n_tokens_full=encoded[i].n_tokens_full)
+                for row, i in enumerate(indices)]
