@@ -61,7 +61,7 @@ LAYERS = [
     ("ctxvec.engine",),  # how the model runs fast
     ("ctxvec.weights",),
     ("ctxvec.pipeline",),
-    ("ctxvec.loading", "ctxvec.embed_file", "ctxvec.train", "ctxvec.explain"),
+    ("ctxvec.loading", "ctxvec.embed_file", "ctxvec.train", "ctxvec.explain", "ctxvec.serve"),
     ("ctxvec.translate",),
     ("ctxvec.cli",),
     ("ctxvec.__main__", "ctxvec.__init__"),

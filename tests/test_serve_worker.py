@@ -1,0 +1,131 @@
+"""The server's inference worker on its own: continuous batching around the oldest text, every job
+answered in its own order with ``Pipeline``'s numbers, the bound in tokens, cancellation."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+import ctxvec
+from ctxvec.engine.batching import LENGTH_MULTIPLE
+from ctxvec.serve.worker import InferenceWorker, QueueFull, WorkerEvents, batch_around_oldest
+
+
+def rounded(n: int) -> int:
+    return -(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+
+@pytest.mark.parametrize("seed", range(20))
+@pytest.mark.parametrize("budget", [16, 64, 300, 5000])
+def test_a_batch_holds_the_oldest_text_and_its_neighbours_in_length_under_the_budget(seed, budget):
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 100) for _ in range(rng.randint(1, 60))]
+    oldest = rng.randrange(len(lengths))
+    batch = batch_around_oldest(lengths, oldest, budget)
+    assert oldest in batch and len(set(batch)) == len(batch)
+    width = max(rounded(lengths[i]) for i in batch)
+    assert len(batch) == 1 or len(batch) * width <= budget
+    # neighbours: no text left out lies strictly between the batch's shortest and longest
+    low, high = min(rounded(lengths[i]) for i in batch), width
+    left_out = [i for i in range(len(lengths)) if i not in batch]
+    assert not [i for i in left_out if low < rounded(lengths[i]) < high]
+    # and it is full: no text left out would still fit
+    assert all((len(batch) + 1) * max(width, rounded(lengths[i])) > budget for i in left_out)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    return ctxvec.load(tiny_model)
+
+
+class Recorder(WorkerEvents):
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches, self.dropped, self.open = [], [], []
+        self.on_batch = self.batches.append
+        self.on_dropped = lambda reason, n: self.dropped.append((reason, n))
+        self.on_queue = lambda texts, tokens: self.open.append((texts, tokens))
+
+
+def test_jobs_of_both_kinds_get_their_own_results_in_order(tiny):
+    rng = random.Random(0)
+    words = "light darkness waters deep heaven earth evening morning".split()
+    jobs_texts = [[" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 9))]
+                  for _ in range(30)]
+    events = Recorder()
+    worker = InferenceWorker(tiny, batch_tokens=256, max_queue_tokens=10**6, events=events)
+    jobs = [worker.submit("embed" if i % 3 else "encode", texts, tiny.tokenizer.tokenize(texts))
+            for i, texts in enumerate(jobs_texts)]  # all queued before the worker starts: one pool
+    worker.start()
+    try:
+        for i, (job, texts) in enumerate(zip(jobs, jobs_texts)):
+            got = job.future.result(timeout=60)
+            if i % 3:
+                assert np.abs(np.stack(got) - tiny.embed(texts)).max() < 1e-6
+            else:
+                want = tiny.encode(texts)
+                assert [g.tokens for g in got] == [w.tokens for w in want]
+                assert max(np.abs(g.vectors - w.vectors).max() for g, w in zip(got, want)) < 1e-6
+    finally:
+        worker.stop()
+    assert all(shape.rows * shape.width <= 256 or shape.texts == 1 for shape in events.batches)
+    assert events.open[-1] == (0, 0)  # nothing left open
+
+
+def test_a_long_text_is_not_starved_by_a_stream_of_short_ones(tiny):
+    worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6).start()
+    try:
+        shorts = [worker.submit("embed", ["a b"] * 8, tiny.tokenizer.tokenize(["a b"] * 8)) for _ in range(20)]
+        long_text = ["word " * 60]
+        long = worker.submit("embed", long_text, tiny.tokenizer.tokenize(long_text))
+        more = [worker.submit("embed", ["c d"] * 8, tiny.tokenizer.tokenize(["c d"] * 8)) for _ in range(200)]
+        long.future.result(timeout=60)
+        assert sum(job.future.done() for job in more) < len(more)  # answered before the later stream
+        for job in shorts + more:
+            job.future.result(timeout=60)
+    finally:
+        worker.stop()
+
+
+def test_the_bound_counts_every_token_not_computed_yet(tiny):
+    events = Recorder()
+    worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=140, events=events)
+    texts = ["word " * 20] * 3  # 22 tokens each: 66 a job
+    first = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
+    second = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
+    with pytest.raises(QueueFull, match="132 tokens queued") as refused:
+        worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
+    assert refused.value.retry_after >= 1
+    worker.start()
+    try:
+        first.future.result(timeout=60), second.future.result(timeout=60)
+    finally:
+        worker.stop()
+
+
+def test_a_cancelled_job_is_never_computed_and_a_started_one_is_let_go(tiny):
+    events = Recorder()
+    worker = InferenceWorker(tiny, batch_tokens=32, max_queue_tokens=10**6, events=events)
+    texts = ["light and darkness " * 3] * 400
+    started = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
+    queued = worker.submit("embed", ["never"] * 7, tiny.tokenizer.tokenize(["never"] * 7))
+    worker.cancel(queued, "disconnected")
+    assert queued.future.cancelled()
+    first_batch = threading.Event()
+    events.on_batch = lambda shape: first_batch.set()
+    worker.start()
+    try:
+        assert first_batch.wait(60)
+        worker.cancel(started, "timeout")
+        done = worker.submit("embed", ["after"], tiny.tokenizer.tokenize(["after"]))
+        done.future.result(timeout=60)
+    finally:
+        worker.stop()
+    assert events.dropped[0] == ("disconnected", 7)
+    reason, n = events.dropped[1]
+    assert reason == "timeout" and 0 < n < 400
+    assert not started.future.done()  # nobody waits for it any more
+    assert events.open[-1] == (0, 0)
