@@ -11,7 +11,7 @@ import pytest
 
 import ctxvec
 from ctxvec.engine.batching import LENGTH_MULTIPLE
-from ctxvec.serve.worker import InferenceWorker, QueueFull, WorkerEvents, batch_around_oldest
+from ctxvec.serve.worker import InferenceWorker, QueueFull, TooBig, WorkerEvents, batch_around_oldest
 
 
 def rounded(n: int) -> int:
@@ -99,11 +99,17 @@ def test_the_bound_counts_every_token_not_computed_yet(tiny):
     with pytest.raises(QueueFull, match="132 tokens queued") as refused:
         worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
     assert refused.value.retry_after >= 1
+    long = ["word " * 40] * 4  # 168 tokens: more than the queue could ever hold
+    with pytest.raises(TooBig, match="168 tokens, more than the server's queue holds"):
+        worker.submit("embed", long, tiny.tokenizer.tokenize(long))
+    assert not worker.alive
     worker.start()
+    assert worker.alive
     try:
         first.future.result(timeout=60), second.future.result(timeout=60)
     finally:
         worker.stop()
+    assert not worker.alive
 
 
 def test_a_cancelled_job_is_never_computed_and_a_started_one_is_let_go(tiny):

@@ -65,4 +65,4 @@ def serve(model: str, host: str, port: int, precision: str, threads: int | None,
                    "ready", err=False)
         sys.stdout.flush()
 
-    run_server(pipeline, settings, host, port, drain_timeout, ready)
+    run_server(pipeline, settings, host, port, drain_timeout, on_ready=ready)

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.validation import is_int, is_real
@@ -33,7 +34,7 @@ from ctxvec.pipeline import Pipeline, TokenVectors
 from ctxvec.serve.metrics import Metrics
 from ctxvec.serve.schemas import (
     ApiError, EmbeddingsRequest, EncodeRequest, TextsRequest, parse, read_json, vector_payload)
-from ctxvec.serve.worker import InferenceWorker, Job, QueueFull
+from ctxvec.serve.worker import InferenceWorker, Job, QueueFull, TooBig
 
 log = logging.getLogger("ctxvec.serve")
 
@@ -88,21 +89,22 @@ def _error(err: ApiError) -> JSONResponse:
 class Door:
     """ASGI middleware every request passes: API key, drain, in-flight count, log line, metrics."""
 
-    def __init__(self, app, state: ServerState) -> None:
+    def __init__(self, app: ASGIApp, state: ServerState) -> None:
         self.app, self.state = app, state
 
-    async def __call__(self, scope, receive, send) -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         path, start, status = scope["path"], time.perf_counter(), [500]
 
-        async def send_status(message) -> None:
+        async def send_status(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
             await send(message)
 
         refusal = self._refusal(scope)
         self.state.in_flight += 1
+        self.state.metrics.in_flight.inc()
         try:
             if refusal is not None:
                 await _error(refusal)(scope, receive, send_status)
@@ -110,6 +112,7 @@ class Door:
                 await self.app(scope, receive, send_status)
         finally:
             self.state.in_flight -= 1
+            self.state.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
             endpoint = path if path in ENDPOINTS else "other"
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
@@ -119,9 +122,8 @@ class Door:
     def _refusal(self, scope) -> ApiError | None:
         key = self.state.settings.api_key
         if key is not None and scope["path"] != "/health":
-            headers = dict(scope["headers"])
-            given = headers.get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(given.encode(), f"Bearer {key}".encode()):  # constant time
+            given = dict(scope["headers"]).get(b"authorization", b"")  # the bytes as sent
+            if not hmac.compare_digest(given, f"Bearer {key}".encode()):  # constant time
                 return ApiError(401, "a valid API key is needed: send 'Authorization: Bearer <key>'.",
                                 type="authentication_error", code="invalid_api_key")
         if self.state.draining:
@@ -170,6 +172,9 @@ def create_app(pipeline: Pipeline, settings: ServeSettings | None = None) -> Sta
             "max_tokens": pipeline.max_len, "precision": pipeline.precision, "description": pipeline.description}]})
 
     async def health(request: Request) -> Response:
+        if not state.worker.alive:
+            raise ApiError(503, "the inference worker has stopped; restart the server.", type="server_error",
+                           code="worker_stopped")
         return _json({"status": "ok", "model": pipeline.name, "precision": pipeline.precision})
 
     async def metrics(request: Request) -> Response:
@@ -225,6 +230,8 @@ async def _submit(state: ServerState, request: Request, req: TextsRequest, kind:
                                code="input_too_long")
     try:
         return state.worker.submit(kind, texts, encoded)  # type: ignore[arg-type]
+    except TooBig as err:
+        raise ApiError(413, str(err), param="input", code="too_many_tokens") from None
     except QueueFull as err:
         raise ApiError(429, str(err), type="rate_limit_error", code="overloaded",
                        headers={"Retry-After": str(err.retry_after)}) from None

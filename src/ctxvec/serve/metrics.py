@@ -24,6 +24,7 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.latency = Histogram("ctxvec_request_seconds", "Time to answer a request, by endpoint.",
                                  ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.in_flight = Gauge("ctxvec_requests_in_flight", "Requests received and not yet answered.", registry=r)
         self.queue_texts = Gauge("ctxvec_queue_texts", "Texts not computed yet (queued, or in the worker's pool).", registry=r)
         self.queue_tokens = Gauge("ctxvec_queue_tokens", "Tokens not computed yet (the queue's bound: --max-queue-tokens).", registry=r)
         self.batch_texts = Histogram("ctxvec_batch_texts", "Texts per forward pass.", buckets=BATCH_BUCKETS,

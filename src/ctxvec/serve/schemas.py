@@ -14,7 +14,7 @@ from typing import Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ctxvec.texts import lone_surrogate
 
@@ -92,12 +92,16 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         raise ApiError(413, f"the body has {int(declared):,} bytes, more than the server's limit of "
                             f"{max_bytes:,} (--max-request-bytes).", code="request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_bytes:
-            raise ApiError(413, f"the body is over the server's limit of {max_bytes:,} bytes "
-                                "(--max-request-bytes).", code="request_too_large")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_bytes:
+                raise ApiError(413, f"the body is over the server's limit of {max_bytes:,} bytes "
+                                    "(--max-request-bytes).", code="request_too_large")
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(499, "the client went away before sending the whole body.",
+                       code="client_closed_request") from None
     try:
         value = json.loads(b"".join(chunks).decode("utf-8"))
     except UnicodeDecodeError as err:
@@ -106,6 +110,8 @@ async def read_json(request: Request, max_bytes: int) -> dict:
         raise ApiError(400, f"the body is not valid JSON ({err.msg} at character {err.pos}).") from None
     except RecursionError:
         raise ApiError(400, "the body's JSON is nested too deeply.") from None
+    except ValueError as err:  # e.g. an integer of over 4,300 digits
+        raise ApiError(400, f"the body is not valid JSON ({str(err).rstrip('.')}).") from None
     if not isinstance(value, dict):
         raise ApiError(400, f"the body must be a JSON object, not a {type(value).__name__}.")
     return value

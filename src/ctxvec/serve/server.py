@@ -30,8 +30,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_started: float | None = None
 
     def handle_exit(self, sig: int, frame) -> None:
-        if self.drain_started is not None:  # a second signal: stop waiting
-            self.should_exit = True
+        if self.drain_started is not None:  # a second signal: stop waiting, and stop now
+            self.should_exit = self.force_exit = True
             return
         self.state.draining = True
         self.drain_started = time.monotonic()
@@ -60,7 +60,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 
 def serve(pipeline: Pipeline, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8080,
-          drain_timeout: float = 30.0, on_ready: Callable[[str], None] = print) -> None:
+          drain_timeout: float = 30.0, *, on_ready: Callable[[str], None]) -> None:
     """Serve ``pipeline`` (loaded and warmed up) until a signal; ``on_ready`` gets the URL."""
     # The event loop and the inference thread share the GIL; Python's default 5 ms turns would
     # keep requests waiting on the worker's Python between kernels (bench_serve: +20% for singles).
@@ -68,9 +68,9 @@ def serve(pipeline: Pipeline, settings: ServeSettings, host: str = "127.0.0.1", 
     app = create_app(pipeline, settings)
     sock = listen(host, port)
     bound_host, bound_port = sock.getsockname()[:2]
+    # The drain is done before uvicorn's own shutdown starts: that one only closes connections.
     config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=drain_timeout, server_header=False,
-                            proxy_headers=False)
+                            timeout_graceful_shutdown=1, server_header=False, proxy_headers=False)
     server = DrainingServer(config, app.state.ctxvec, drain_timeout)
     url_host = f"[{bound_host}]" if ":" in bound_host else bound_host
     on_ready(f"http://{url_host}:{bound_port}")

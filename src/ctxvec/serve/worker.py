@@ -34,7 +34,12 @@ from ctxvec.tokenizer import Encoded
 log = logging.getLogger(__name__)
 
 Kind = Literal["embed", "encode"]
+POOL_WINDOW = 4096  # the oldest texts a batch is chosen from (a full pool would cost a sort per batch)
 TRIM_EVERY = 10.0  # seconds between giving freed memory back under constant load (and on going idle)
+
+
+class TooBig(Exception):
+    """A job with more tokens than the queue may ever hold."""
 
 
 class QueueFull(Exception):
@@ -71,7 +76,6 @@ class Pending:
 
     job: Job
     place: int  # its index in the job
-    order: int  # arrival order over the pool (the oldest first)
 
     @property
     def length(self) -> int:
@@ -129,8 +133,7 @@ class InferenceWorker:
         self.max_queue_tokens = max_queue_tokens
         self.events = events or WorkerEvents()
         self._queue: deque[Job] = deque()  # submitted, not yet in the pool
-        self._pool: list[Pending] = []  # the worker's alone
-        self._arrivals = 0
+        self._pool: list[Pending] = []  # the worker's alone, in arrival order
         self._open_texts = 0  # texts not computed yet, queued or pooled
         self._open_tokens = 0
         self._wake = threading.Condition()
@@ -152,10 +155,14 @@ class InferenceWorker:
 
     # ---- requests' side -----------------------------------------------------------------------
     def submit(self, kind: Kind, texts: list[str], encoded: list[Encoded]) -> Job:
-        """Queue a job, or raise ``QueueFull``. Its results arrive on ``job.future``."""
+        """Queue a job, or raise ``QueueFull`` (no room now) or ``TooBig`` (never room). Its
+        results arrive on ``job.future``."""
         job = Job(kind, texts, encoded)
+        if job.tokens > self.max_queue_tokens:
+            raise TooBig(f"the request has {job.tokens:,} tokens, more than the server's queue holds "
+                         f"({self.max_queue_tokens:,}, --max-queue-tokens); send its texts in several requests.")
         with self._wake:
-            if self._open_tokens and self._open_tokens + job.tokens > self.max_queue_tokens:
+            if self._open_tokens + job.tokens > self.max_queue_tokens:
                 raise QueueFull(self._open_tokens, self._retry_after())
             self._queue.append(job)
             self._count(len(job.texts), job.tokens)
@@ -184,15 +191,21 @@ class InferenceWorker:
         return max(1, round(self._open_tokens / rate))
 
     # ---- the worker's side --------------------------------------------------------------------
+    @property
+    def alive(self) -> bool:
+        """The worker's thread runs (``/health`` says 503 otherwise)."""
+        return self._thread.is_alive()
+
     def _run(self) -> None:
         while self._take_arrivals():
-            self._drop_abandoned()
-            if not self._pool:
-                continue
-            batch = self._next_batch()
+            batch: list[Pending] = []
             try:
+                self._drop_abandoned()
+                if not self._pool:
+                    continue
+                batch = self._next_batch()
                 self._compute(batch)
-            except BaseException as err:  # reported to every request of the batch, never lost
+            except Exception as err:  # reported to every request of the batch, never lost
                 log.exception("inference failed")
                 self._fail({p.job for p in batch}, err)
         self._fail({p.job for p in self._pool}, RuntimeError("the server stopped before computing it."))
@@ -218,15 +231,14 @@ class InferenceWorker:
                 job = self._queue.popleft()
                 job.future.set_running_or_notify_cancel()  # only cancel() cancels, and it removes the job
                 for place in range(len(job.texts)):
-                    self._pool.append(Pending(job, place, self._arrivals))
-                    self._arrivals += 1
+                    self._pool.append(Pending(job, place))
             return True
 
     def _drop_abandoned(self) -> None:
-        gone = {p.job for p in self._pool if p.job.abandoned}
+        gone = {p.job for p in self._pool if p.job.abandoned}  # read once: cancel() may mark more meanwhile
         if not gone:
             return
-        self._pool = [p for p in self._pool if not p.job.abandoned]
+        self._pool = [p for p in self._pool if p.job not in gone]
         with self._wake:
             for job in gone:
                 tokens = sum(len(job.encoded[i].ids) for i, r in enumerate(job.results) if r is None)
@@ -235,8 +247,8 @@ class InferenceWorker:
 
     def _next_batch(self) -> list[Pending]:
         """The oldest text of the pool, and its neighbours in length of the same kind."""
-        oldest = min(self._pool, key=lambda p: p.order)
-        same = [p for p in self._pool if p.job.kind == oldest.job.kind]
+        oldest = self._pool[0]  # the pool stays in arrival order
+        same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
         chosen = batch_around_oldest([p.length for p in same], same.index(oldest), self.batch_tokens)
         return [same[i] for i in chosen]
 
