@@ -227,8 +227,7 @@ class PartialOutput:
         if resume and self.progress.exists():
             return self.resume()
         if resume:  # nothing of this process's own: a record of another number of processes?
-            ours = {partial_paths(self.output, r, self.key.processes)[1] for r in range(self.key.processes)}
-            for other in sorted(set(progress_records(self.output)) - ours):
+            for other in sorted(set(progress_records(self.output)) - set(self._records())):
                 self.progress = other
                 self.resume()  # refuses, naming what differs
         self.progress.unlink(missing_ok=True)
@@ -325,7 +324,7 @@ class PartialOutput:
         """Process 0, once every process is done: the others' reports into ``result``, then the
         partial file renamed onto the output and the progress records removed."""
         self.close()
-        records = [partial_paths(self.output, r, self.key.processes)[1] for r in range(self.key.processes)]
+        records = self._records()
         for record in records[1:]:
             if record.exists():  # (a process with no chunk has none)
                 state = json.loads(record.read_text(encoding="utf-8"))
@@ -339,6 +338,10 @@ class PartialOutput:
             raise write_error(self.output, err) from None
         for record in records:
             record.unlink(missing_ok=True)  # (an empty input has no chunk, so no progress file)
+
+    def _records(self) -> list[Path]:
+        """The progress records of this job's processes, process 0's first."""
+        return [partial_paths(self.output, r, self.key.processes)[1] for r in range(self.key.processes)]
 
     def close(self) -> None:
         if self.fd >= 0:

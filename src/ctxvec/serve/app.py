@@ -78,7 +78,8 @@ class ServerState:
         self.worker = InferenceWorker(pipeline, settings.batch_tokens, settings.max_queue_tokens,
                                       events=self.metrics.events())
         self.draining = False
-        self.in_flight = 0
+        self.in_flight = 0  # requests received and not yet answered (the Door counts them)
+        self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.names = {pipeline.name, pipeline.name.rstrip("/").rsplit("/", 1)[-1]}
 
 
@@ -104,7 +105,6 @@ class Door:
 
         refusal = self._refusal(scope)
         self.state.in_flight += 1
-        self.state.metrics.in_flight.inc()
         try:
             if refusal is not None:
                 await _error(refusal)(scope, receive, send_status)
@@ -112,7 +112,6 @@ class Door:
                 await self.app(scope, receive, send_status)
         finally:
             self.state.in_flight -= 1
-            self.state.metrics.in_flight.dec()
             seconds = time.perf_counter() - start
             endpoint = path if path in ENDPOINTS else "other"
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()

@@ -61,13 +61,11 @@ class Job:
     abandoned: str | None = None  # why its request gave up, if it did
     results: list = field(init=False)
     left: int = field(init=False)  # texts not computed yet
+    tokens: int = field(init=False)  # of all its texts
 
     def __post_init__(self) -> None:
         self.results, self.left = [None] * len(self.texts), len(self.texts)
-
-    @property
-    def tokens(self) -> int:
-        return sum(len(e.ids) for e in self.encoded)
+        self.tokens = sum(len(e.ids) for e in self.encoded)
 
 
 @dataclass(eq=False)
@@ -236,20 +234,25 @@ class InferenceWorker:
 
     def _drop_abandoned(self) -> None:
         gone = {p.job for p in self._pool if p.job.abandoned}  # read once: cancel() may mark more meanwhile
-        if not gone:
+        for job in gone:
+            self.events.on_dropped(job.abandoned, job.left)
+        self._release(gone)
+
+    def _release(self, jobs: set[Job]) -> None:
+        """The texts of ``jobs`` not computed yet leave the pool and the count."""
+        if not jobs:
             return
-        self._pool = [p for p in self._pool if p.job not in gone]
+        self._pool = [p for p in self._pool if p.job not in jobs]
         with self._wake:
-            for job in gone:
-                tokens = sum(len(job.encoded[i].ids) for i, r in enumerate(job.results) if r is None)
-                self._count(-job.left, -tokens)
-                self.events.on_dropped(job.abandoned, job.left)
+            for job in jobs:
+                self._count(-job.left, -sum(len(job.encoded[i].ids) for i, r in enumerate(job.results) if r is None))
+                job.left = 0
 
     def _next_batch(self) -> list[Pending]:
         """The oldest text of the pool, and its neighbours in length of the same kind."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
-        chosen = batch_around_oldest([p.length for p in same], same.index(oldest), self.batch_tokens)
+        chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens)  # same[0] is oldest
         return [same[i] for i in chosen]
 
     def _compute(self, batch: list[Pending]) -> None:
@@ -286,11 +289,7 @@ class InferenceWorker:
 
     def _fail(self, jobs: set[Job], err: BaseException) -> None:
         """Every job of ``jobs`` gets ``err``; its texts leave the pool."""
-        self._pool = [p for p in self._pool if p.job not in jobs]
-        with self._wake:
-            for job in jobs:
-                tokens = sum(len(job.encoded[i].ids) for i, r in enumerate(job.results) if r is None)
-                self._count(-job.left, -tokens)
-                job.left = 0
-                if not job.future.done():
-                    job.future.set_exception(err)
+        self._release(jobs)
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(err)
