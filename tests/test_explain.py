@@ -170,7 +170,7 @@ def test_token_text_is_escaped():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model", ["minilm", "seed"])
+@pytest.mark.parametrize("model", ["minilm", "seed", "seed-trained"])
 def test_the_page_in_a_real_browser(tmp_path, model):
     if not CHROMIUM.exists():
         pytest.skip("Debian's chromium is not installed at /usr/bin/chromium (scripts/setup.sh test installs it)")

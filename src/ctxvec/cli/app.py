@@ -1,7 +1,7 @@
 """The ``ctxvec`` command group: one-line errors for every command, and the options they share.
 
-The commands live in ``cli.vectors`` (encode, embed, explain, models) and ``cli.training``
-(train-tokenizer, train, train-translation, translate, plot)."""
+The commands live in ``cli.vectors`` (encode, embed, evaluate, explain, models) and ``cli.training``
+(train-tokenizer, train, finetune, train-translation, translate, plot)."""
 
 from __future__ import annotations
 

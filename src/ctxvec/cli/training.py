@@ -1,4 +1,4 @@
-"""The commands that train and translate: train-tokenizer, train, train-translation, translate, plot."""
+"""The commands that train and translate: train-tokenizer, train, finetune, train-translation, translate, plot."""
 
 from __future__ import annotations
 
@@ -141,6 +141,56 @@ def train_translation(pairs, preset, run, tokenizer, threads, resume, nproc, val
                                 valid_groups=groups(valid_groups), test_groups=groups(test_groups))
         return TranslationTrainer(pairs, run, cfg, preset=preset, tokenizer=str(tokenizer) if tokenizer else None,
                                   resume=resume)
+
+    _run_training(make, run, threads)
+
+
+@main.command()
+@click.argument("data", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--model", "-m", default="minilm", show_default=True,
+              help="The model to start from: a name (see `ctxvec models`) or a model folder.")
+@click.option("--out", "run", required=True, type=click.Path(file_okay=False, path_type=Path),
+              help="Run folder: checkpoints, metrics.jsonl, and the fine-tuned model.")
+@click.option("--loss", type=click.Choice(["cosent", "cosine", "mnrl"]), default="cosent", show_default=True,
+              help="cosent or cosine: DATA holds scored pairs; mnrl: (anchor, positive[, negative]) rows.")
+@click.option("--dev", type=click.Path(dir_okay=False, path_type=Path),
+              help="Scored pairs to evaluate on (Spearman); the run then keeps the best checkpoint as its model.")
+@click.option("--epochs", type=click.IntRange(min=1), help="Passes over DATA (default 1).")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps (default: --epochs worth).")
+@click.option("--batch-size", type=click.IntRange(min=1), help="Rows per step, over all processes (default 16).")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), help="Peak learning rate (AdamW; default 2e-5).")
+@click.option("--warmup", type=click.IntRange(min=0), help="Linear warm-up steps, then linear decay (default 0).")
+@click.option("--weight-decay", type=click.FloatRange(min=0), help="AdamW weight decay (default 0).")
+@click.option("--precision", type=click.Choice(list(PRECISIONS)), help="fp32 (default) or bf16 autocast.")
+@click.option("--eval-every", type=click.IntRange(min=1), help="Steps between dev evaluations (default 100).")
+@click.option("--save-every", type=click.IntRange(min=1), help="Steps between checkpoints (default 100).")
+@click.option("--seed", type=int, help="Seed of the data order and dropout (default 0).")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), help="The encoder's dropout while training "
+                                                                         "(default 0.1).")
+@click.option("--scale", type=click.FloatRange(min=0, min_open=True), help="Cosines x scale in cosent and mnrl "
+                                                                           "(default 20).")
+@click.option("--symmetric", is_flag=True, default=None, help="mnrl: also each positive over the anchors.")
+@click.option("--max-score", type=click.FloatRange(min=0, min_open=True),
+              help="cosine: the score meaning identical; scores are divided by it (default 5, as STS).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads per process.")
+@click.option("--resume", is_flag=True, help="Continue the run in --out from its latest checkpoint.")
+@click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Processes on this machine (runs torchrun for you); for several machines, run torchrun yourself.")
+def finetune(data, model, run, dev, threads, resume, nproc, **options) -> None:
+    """Fine-tune a model's sentence vectors on DATA (CSV or TSV, header optional).
+
+    Scored pairs `sentence1, sentence2, score` train with --loss cosent (default) or cosine;
+    `anchor, positive[, negative]` rows with --loss mnrl (in-batch negatives). The whole
+    encoder is trained; the run folder is a model (`--model RUN` everywhere).
+
+    Example: ctxvec finetune stsb_en_train.csv --dev stsb_en_dev.csv --out run/ --epochs 4 --warmup 144
+    """
+    relaunch_under_torchrun(nproc)
+    from ctxvec.train.finetune import FinetuneConfig, FinetuneTrainer
+
+    def make():
+        cfg = FinetuneConfig(**{k: v for k, v in options.items() if v is not None})
+        return FinetuneTrainer(data, run, cfg, model=model, dev=dev, resume=resume)
 
     _run_training(make, run, threads)
 

@@ -1,4 +1,4 @@
-"""The commands that turn texts into vectors: encode, embed, explain, models."""
+"""The commands that turn texts into vectors: encode, embed, evaluate, explain, models."""
 
 from __future__ import annotations
 
@@ -172,6 +172,35 @@ def _signals_as_interrupt():
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@main.command()
+@click.argument("pairs", type=click.Path(dir_okay=False, path_type=Path))
+@model_options
+@click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
+def evaluate(pairs: Path, model: str, precision: str, threads: int | None, batch_tokens: int, as_json: bool) -> None:
+    """How well the cosine of sentence vectors follows human similarity scores.
+
+    PAIRS is a CSV or TSV file of `sentence1, sentence2, score` rows (header optional), such as
+    the STS benchmark. Prints Spearman's and Pearson's correlation (x100) between the cosine of
+    each pair's two sentence vectors and its score, as sentence-transformers and MTEB report them.
+
+    Example: ctxvec evaluate ../shared/data/stsb_en_dev.csv --model minilm
+    """
+    from ctxvec.evaluation import evaluate_pairs
+    from ctxvec.pairs import read_scored_pairs
+
+    scored = read_scored_pairs(pairs)  # a bad file is said before the model loads
+    pipeline = load_pipeline(model, precision, threads)
+    result = evaluate_pairs(pipeline, scored, batch_tokens)
+    if as_json:
+        click.echo(json.dumps({"pairs_file": str(pairs), "model": pipeline.name, "precision": precision,
+                               **result.to_dict()}))
+        return
+    click.echo(f"{pairs}: {result.n_pairs} pairs, model {pipeline.name} ({precision})\n"
+               f"  Spearman {result.spearman:.2f}  Pearson {result.pearson:.2f}  (cosine vs gold score, x100)\n"
+               f"  {result.n_truncated} of {result.n_texts} texts truncated to the model's "
+               f"{pipeline.max_len}-token limit")
 
 
 @main.command()
