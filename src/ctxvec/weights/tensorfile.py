@@ -35,6 +35,17 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def verify_sha256(path: Path, expected: str, source: str) -> None:
+    """``path`` must exist and have sha256 ``expected``; else a one-line error that says to
+    reinstall ``source`` (the package that ships it)."""
+    if not path.is_file():
+        raise ValueError(f"{path} is missing; reinstall {source}.")
+    digest = sha256_of(path)
+    if digest != expected:
+        raise ValueError(f"{path} has sha256 {digest}, expected {expected}: the file is corrupt or not the "
+                         f"one {source} ships; reinstall {source}.")
+
+
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     """``safetensors.torch.save_file``, with its I/O failures raised as ``OSError`` (errno kept)."""
     contiguous = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
