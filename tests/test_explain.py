@@ -254,7 +254,7 @@ def test_cli_explain_errors_are_one_line(tmp_path):
     result = CliRunner().invoke(main, ["explain", TEXT, "--model", "nope", "-o", str(tmp_path / "x.html")])
     assert result.exit_code == 1
     assert result.output.strip().splitlines() == [
-        "Error: unknown model 'nope'; known models: minilm, seed; or give a model folder."]
+        "Error: unknown model 'nope'; known models: minilm, seed, seed-trained; or give a model folder."]
 
 
 def test_page_data_is_json_ready(traced):
