@@ -123,23 +123,31 @@ def part_sts(args, facts) -> None:
     result = {"machine": facts, "date": time.strftime("%Y-%m-%d"), "threads": args.threads, "epochs": args.epochs,
               "batch_size": args.batch_size, "lr": args.lr, "warmup": warmup, "steps": steps,
               "base_dev_spearman": base.spearman, "runs": runs}
+    write_results("finetune_sts", result, sts_markdown(result), OUT, update=True)
+
+
+def sts_markdown(result: dict) -> str:
+    facts, runs, base = result["machine"], result["runs"], result["base_dev_spearman"]
+    precisions = list(dict.fromkeys(r["precision"] for r in runs))
+    units = facts.get("matrix_units") or ", ".join(facts["simd"])
+    r = result
     lines = [f"**Fine-tuning all-MiniLM-L6-v2 on STS-B train with CoSENT** ({facts['cpu']} "
-             f"({', '.join(facts['simd'])}; native bf16: {'yes' if facts['native_bf16'] else 'no'}), "
-             f"{args.threads} threads, torch {facts['torch']}; {result['date']}): {args.epochs} epoch(s) of "
-             f"{per_epoch} steps, batch {args.batch_size}, lr {args.lr:g}, {warmup} warm-up steps then linear "
+             f"({units}; native bf16: {'yes' if facts['native_bf16'] else 'no'}), {r['threads']} threads, torch "
+             f"{facts['torch']}; {r['date']}): {r['epochs']} epoch(s) of {r['steps'] // r['epochs']} steps, batch "
+             f"{r['batch_size']}, lr {r['lr']:g}, {r['warmup']} warm-up steps then linear "
              "decay, weight decay 0, clipping 1.0, the last partial batch dropped, for both; sentence-transformers "
              "through its `SentenceTransformerTrainer` (what `fit` runs). Dev Spearman x100 (cosine vs gold) on "
-             f"`stsb_en_dev.csv` (1,500 pairs) at the end of training; base model: **{base.spearman:.2f}**. "
+             f"`stsb_en_dev.csv` (1,500 pairs) at the end of training; base model: **{base:.2f}**. "
              "Throughput: pairs per second of the optimizer steps alone (evaluations left out).", "",
              "| precision | seeds | system | dev Spearman (end), mean [each seed] | pairs/s (mean) | ctxvec / s-t |",
              "|---|---|---|---:|---:|---:|"]
-    for precision in args.precisions:
+    for precision in precisions:
         group = {name: [r for r in runs if r["precision"] == precision and r["system"] == name]
                  for name in ("ctxvec", "sentence-transformers")}
         speed = {name: statistics.mean(r["pairs_per_s"] for r in rs) for name, rs in group.items()}
         for name, label in (("ctxvec", "ctxvec finetune"), ("sentence-transformers", "sentence-transformers")):
             figures = [r["dev_spearman_last"] for r in group[name]]
-            ratio = f"**{speed['ctxvec'] / speed[name]:.2f}x**" if name == "ctxvec" else ""
+            ratio = f"**{speed['ctxvec'] / speed['sentence-transformers']:.2f}x**" if name == "ctxvec" else ""
             lines.append(f"| {precision} | {', '.join(str(r['seed']) for r in group[name])} | {label} | "
                          f"{statistics.mean(figures):.2f} [{', '.join(f'{f:.2f}' for f in figures)}] | "
                          f"{speed[name]:.1f} | {ratio} |")
@@ -148,7 +156,7 @@ def part_sts(args, facts) -> None:
         lines += ["", "ctxvec fp32 dev Spearman during training, seed by seed (step: Spearman); `ctxvec finetune "
                   "--dev` keeps the best as the run's model:"]
         lines += [f"- seed {r['seed']}: " + ", ".join(f"{s}: {v:.2f}" for s, v in r["curve"]) for r in fp32]
-    write_results("finetune_sts", result, "\n".join(lines) + "\n", OUT, update=True)
+    return "\n".join(lines) + "\n"
 
 
 def part_scratch(args, facts) -> None:
