@@ -15,7 +15,6 @@ this table. Writes benchmarks/results/bench_attention.{json,md} (not BENCHMARKS.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ import torch
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, machine, write_results  # noqa: E402
+from common import ROOT, machine, median_seconds, write_results  # noqa: E402
 
 from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES  # noqa: E402
 
@@ -34,17 +33,6 @@ from ctxvec.engine.runtime import native_bf16  # noqa: E402
 
 LENGTHS = [8, 16, 32, 64, 128, 256, 384, 512]
 SHAPES = {"minilm (12 x 32)": (12, 32), "seed (8 x 64)": (8, 64)}
-
-
-def median_ms(fn, reps: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times)
 
 
 def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> dict:
@@ -65,7 +53,7 @@ def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> di
     with torch.inference_mode():
         for name, fn in routes.items():
             got = fn().double()
-            row[name] = {"ms": median_ms(fn, reps),
+            row[name] = {"ms": 1e3 * median_seconds(fn, reps, warmup=3),
                          "max_rel_error": ((got - expected).abs().max() / expected.abs().max()).item()}
     return row
 

@@ -2,7 +2,9 @@
 
 MiniLM (all-MiniLM-L6-v2 weights), sentence vectors:
   ctxvec fp32 / bf16, sentence-transformers fp32 / bf16, Hugging Face BertModel as most users
-  call it (fixed batches of 32 in input order, mean pooling).
+  call it (fixed batches of 32 in input order, mean pooling), and the same weights exported to
+  ONNX by this script (``exported.py``): ONNX Runtime fp32 / int8 (dynamic quantization) and
+  OpenVINO fp32 / bf16 / int8 (NNCF) (``--no-exported`` leaves them out).
 Seed config (512/8/1024/12, post-norm, ReLU), token vectors, same weights via from_torch:
   ctxvec's EncoderStack vs nn.TransformerEncoder's eval fast path on ctxvec's length-sorted
   batches, and nn.TransformerEncoder on unsorted batches of 32.
@@ -11,6 +13,7 @@ Each system: a warm-up, then several rounds in rotating order; the median round 
 Outputs are checked while timed: fp32 against the reference within 1e-5; bf16 as min cosine
 to ctxvec fp32. Writes benchmarks/results/bench_encode.{json,md} and updates BENCHMARKS.md.
 
+    .venv/bin/pip install onnx onnxscript onnxruntime openvino nncf   # the exported peers
     .venv/bin/python benchmarks/bench_encode.py [--lines 1500] [--rounds 3] [--threads 2]
 """
 
@@ -22,6 +25,7 @@ import random
 import warnings
 import statistics
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +39,8 @@ from torch import nn  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    ROOT, SHARED_WEB, inference_flops, machine, matmul_limit, peak_rss, reset_peak_rss, write_results)
+    ROOT, SHARED_WEB, inference_flops, int8_matmul_limit, machine, matmul_limit, peak_rss, reset_peak_rss,
+    write_results)
 
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
@@ -69,6 +74,11 @@ def ctxvec_slots(lengths, max_len: int) -> int:
         rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len)
         total += rows * width
     return total
+
+
+def sorted_batches(lengths, size: int) -> list[list[int]]:
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def fixed_batches(n: int, size: int) -> list[list[int]]:
@@ -121,6 +131,30 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
                lambda n=None: np.asarray(st16.encode(bf16_texts[:n], batch_size=32, convert_to_tensor=True).float()),
                L16, st_slots(bf16_texts, L16), len(bf16_texts)),
     ]
+
+
+def exported_systems(texts: list[str], bf16_texts: list[str], threads: int, workdir: Path,
+                     calibration_texts: list[str]) -> list[System]:
+    """ONNX Runtime and OpenVINO on MiniLM exported to ONNX (``exported.py``)."""
+    from exported import Batcher, export_onnx, onnxruntime_runners, openvino_runners, run_batches
+
+    folder = str(minilm_dir())
+    onnx_path = export_onnx(folder, workdir / "minilm.onnx")
+    batcher = Batcher(folder)
+    calibration = [(ids, mask) for _, ids, mask in batcher(calibration_texts)]
+    runners = {"ONNX Runtime": onnxruntime_runners(onnx_path, workdir, threads),
+               "OpenVINO": openvino_runners(onnx_path, threads, calibration)}
+    lengths = [len(e.ids) for e in ctxvec.load("minilm").tokenizer.tokenize(texts)]
+    systems = []
+    for runtime, by_precision in runners.items():
+        for precision, infer in by_precision.items():
+            sample = bf16_texts if precision == "bf16" else texts
+            L = lengths[: len(sample)]
+            systems.append(System(f"{runtime} {precision}", "minilm", precision,
+                                  lambda n=None, infer=infer, sample=sample: run_batches(batcher, infer, sample[:n]),
+                                  L, padded(L, sorted_batches(L, 32)),
+                                  len(sample)))
+    return systems
 
 
 def seed_systems(texts: list[str]) -> list[System]:
@@ -185,24 +219,27 @@ def time_systems(systems: list[System], rounds: int, slow_rounds: int) -> None:
 
 
 def check_outputs(systems: list[System]) -> dict[str, str]:
+    """MiniLM: fp32 systems against sentence-transformers fp32 (max abs diff), the others as
+    min cosine to ctxvec fp32; seed config: nn.TransformerEncoder against ctxvec."""
     by = {s.name: s for s in systems}
-    checks = {}
+    checks = {"sentence-transformers fp32": "reference"}
     ref = by["sentence-transformers fp32"].output
     ours = by["ctxvec fp32"].output
-    checks["ctxvec fp32"] = f"max abs diff to sentence-transformers fp32: {np.abs(ours - ref).max():.1e}"
-    hf = by["HF BertModel fp32, unsorted batches of 32"].output
-    checks["HF BertModel fp32, unsorted batches of 32"] = f"max abs diff to sentence-transformers: {np.abs(hf - ref).max():.1e}"
-    for name in ("ctxvec bf16", "sentence-transformers bf16"):
-        v = by[name].output
-        n = len(v)
-        cos = (v * ours[:n]).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ours[:n], axis=1))
-        checks[name] = f"min cosine to ctxvec fp32: {cos.min():.5f}"
+    for s in systems:
+        if s.model != "minilm" or s.name in checks:
+            continue
+        v = np.asarray(s.output, dtype=np.float32)
+        if s.precision == "fp32":
+            checks[s.name] = f"max abs diff to sentence-transformers fp32: {np.abs(v - ref).max():.1e}"
+        else:
+            n = len(v)
+            cos = (v * ours[:n]).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ours[:n], axis=1))
+            checks[s.name] = f"min cosine to ctxvec fp32: {cos.min():.5f}"
     seed_ours = by["ctxvec EncoderStack fp32"].output
     for name in ("nn.TransformerEncoder fast path, same batches", "nn.TransformerEncoder fast path, unsorted batches of 32"):
         diff = max(np.abs(a - b).max() for a, b in zip(seed_ours, by[name].output))
         checks[name] = f"max abs diff to ctxvec: {diff:.1e}"
     checks["ctxvec EncoderStack fp32"] = "reference: nn.TransformerEncoder (see its rows)"
-    checks["sentence-transformers fp32"] = "reference"
     return checks
 
 
@@ -217,6 +254,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md")
+    parser.add_argument("--no-exported", action="store_true", help="leave out ONNX Runtime and OpenVINO")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -226,7 +264,7 @@ def main() -> None:
     lines = [line for line in args.corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
     sample = random.Random(0).sample(lines, args.lines)
     bf16_lines = args.bf16_lines or (args.lines if facts["native_bf16"] else 150)
-    print(f"{facts['cpu']} ({', '.join(facts['simd'])}), {args.threads} threads, torch {facts['torch']}; "
+    print(f"{facts['cpu']} ({facts['matrix_units']}), {args.threads} threads, torch {facts['torch']}; "
           f"{len(sample)} lines of {args.corpus.name}", flush=True)
 
     limits, routes = {}, {}
@@ -235,11 +273,20 @@ def main() -> None:
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             routes[(model, precision)] = matmul_limit(config, dtype, reps=5 if precision == "fp32" else 2)
             limits[(model, precision)] = max(routes[(model, precision)].values())
+    routes[("minilm", "int8")] = int8_matmul_limit(ctxvec.load("minilm").encoder.config)
+    limits[("minilm", "int8")] = max(routes[("minilm", "int8")].values())
     print("matmul GFLOP/s by route:", {f"{m} {p}": {r: round(v, 1) for r, v in by.items()}
                                        for (m, p), by in routes.items()}, flush=True)
 
     systems = minilm_systems(sample, sample[:bf16_lines]) + seed_systems(sample[: args.seed_lines])
+    workdir = tempfile.TemporaryDirectory(prefix="ctxvec-bench-")
+    if not args.no_exported:
+        timed = set(sample)
+        unseen = [line for line in lines if line not in timed]
+        calibration = random.Random(1).sample(unseen, 256)  # NNCF's calibration: not the timed text
+        systems += exported_systems(sample, sample[:bf16_lines], args.threads, Path(workdir.name), calibration)
     time_systems(systems, args.rounds, slow_rounds=1)
+    workdir.cleanup()
     checks = check_outputs(systems)
     configs = {"minilm": ctxvec.load("minilm").encoder.config, "seed": ctxvec.EncoderConfig()}
 
@@ -267,6 +314,8 @@ def main() -> None:
         "ctxvec bf16 / sentence-transformers fp32": ratio("ctxvec bf16", "sentence-transformers fp32"),
         "ctxvec bf16 / sentence-transformers bf16": ratio("ctxvec bf16", "sentence-transformers bf16"),
         "ctxvec fp32 / HF BertModel unsorted": ratio("ctxvec fp32", "HF BertModel fp32, unsorted batches of 32"),
+        **{f"ctxvec {p} / {runtime} {p}": ratio(f"ctxvec {p}", f"{runtime} {p}")
+           for runtime in ("ONNX Runtime", "OpenVINO") for p in ("fp32", "bf16") if f"{runtime} {p}" in by},
         "seed: ctxvec / nn.TransformerEncoder, same batches":
             ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, same batches"),
         "seed: ctxvec / nn.TransformerEncoder, unsorted":
@@ -282,7 +331,8 @@ def main() -> None:
 
 def markdown(r: dict) -> str:
     m = r["machine"]
-    out = [f"Machine: {m['cpu']} ({', '.join(m['simd'])}; native bf16: {'yes' if m['native_bf16'] else 'no'}), "
+    out = [f"Machine: {m['cpu']}, matrix units: **{m['matrix_units']}** ({', '.join(m['simd'])}; native bf16: "
+           f"{'yes' if m['native_bf16'] else 'no'}), "
            f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}.",
            f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM), the first {r['seed_lines']} of them "
            f"(seed config), the first {r['bf16_lines']} for bf16; median of {r['rounds']} rounds "
@@ -290,7 +340,8 @@ def markdown(r: dict) -> str:
            "Padding in batches: padded share of the (B, T) batches; ctxvec's matrix multiplies skip it "
            "(packed tokens), only its attention sees it.",
            "Matmul limit: the model's own GEMMs (QKV, out, FFN) at 1024 tokens, measured in the same run by "
-           "PyTorch's two CPU routes, the better one counting: "
+           "PyTorch's CPU routes (fp32, bf16: F.linear and the oneDNN linear; int8: oneDNN's quantized linear, "
+           "GOP/s), the best one counting: "
            + ", ".join(f"{k} {max(by.values()):.1f} GFLOP/s ("
                        + " / ".join(f"{route} {v:.1f}" for route, v in by.items()) + ")"
                        for k, by in r["matmul_routes"].items()) + ".",

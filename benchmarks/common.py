@@ -26,11 +26,22 @@ def machine() -> dict:
         flags = set(re.search(r"flags\s*:\s*(.*)", info).group(1).split())
     except (OSError, AttributeError):
         pass
-    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16") if f in flags]
-    return {"cpu": cpu, "simd": simd, "cores": torch.get_num_threads(), "threads": torch.get_num_threads(),
+    simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
+    return {"cpu": cpu, "simd": simd, "matrix_units": matrix_units(flags), "cores": torch.get_num_threads(), "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+
+
+def matrix_units(flags: set[str]) -> str:
+    """The CPU's matrix units in words: what its bf16 and int8 matrix multiplies run on."""
+    if "amx_bf16" in flags:
+        return "AMX (bf16" + (", int8)" if "amx_int8" in flags else ")")
+    if "avx512_bf16" in flags:
+        return "AVX512-BF16" + (" + AVX512-VNNI (int8)" if "avx512_vnni" in flags else "")
+    if "avx512f" in flags:
+        return "AVX-512" + (" + VNNI (int8)" if "avx512_vnni" in flags else "") + ", no bf16 unit"
+    return "AVX2 only" if "avx2" in flags else "no AVX2"
 
 
 def reset_peak_rss() -> int:
@@ -83,14 +94,43 @@ def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, re
                 for (k, _), layer in zip(shapes, layers):
                     route(xs[k], layer)
 
-            once()
-            times = []
-            for _ in range(reps):
-                start = time.perf_counter()
-                once()
-                times.append(time.perf_counter() - start)
-            result[name] = flops / statistics.median(times) / 1e9
+            result[name] = flops / median_seconds(once, reps) / 1e9
     return result
+
+
+def median_seconds(once, reps: int, warmup: int = 1) -> float:
+    """Median wall time of ``once()`` over ``reps`` calls, after ``warmup`` calls."""
+    for _ in range(warmup):
+        once()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def int8_matmul_limit(config: EncoderConfig, rows: int = 1024, reps: int = 5) -> dict[str, float]:
+    """Measured GOP/s of the model's own GEMMs at ``rows`` tokens in int8 (uint8 activations,
+    int8 weights per output channel, prepacked; bf16 out): oneDNN's quantized linear
+    (``torch.ops.onednn.qlinear_pointwise``, on AMX-INT8 or VNNI where the CPU has them)."""
+    d, f = config.d_model, config.d_ff
+    shapes = [(d, 3 * d), (d, d), (d, f), (f, d)]
+    xs = {k: torch.randint(0, 255, (rows, k), dtype=torch.uint8) for k in {d, f}}
+    packed = []
+    for k, n in shapes:
+        w = torch.randint(-127, 127, (n, k), dtype=torch.int8)
+        packed.append((k, torch.ops.onednn.qlinear_prepack(w, [rows, k]), torch.full((n,), 0.01),
+                       torch.zeros(n, dtype=torch.int64), torch.zeros(n)))
+
+    def once() -> None:
+        for k, w, scale, zero, bias in packed:
+            torch.ops.onednn.qlinear_pointwise(xs[k], 0.02, 128, w, scale, zero, bias, 1.0, 0, torch.bfloat16,
+                                               "none", [], "")
+
+    ops = sum(2 * rows * k * n for k, n in shapes)
+    with torch.inference_mode():
+        return {"oneDNN int8": ops / median_seconds(once, reps) / 1e9}
 
 
 def write_results(name: str, result: dict, md: str, out: Path, update: bool) -> None:
