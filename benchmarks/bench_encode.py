@@ -40,7 +40,7 @@ from torch import nn  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
     ROOT, SHARED_WEB, inference_flops, int8_matmul_limit, machine, matmul_limit, peak_rss, reset_peak_rss,
-    write_results)
+    sorted_batches, write_results)
 
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
@@ -74,11 +74,6 @@ def ctxvec_slots(lengths, max_len: int) -> int:
         rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len)
         total += rows * width
     return total
-
-
-def sorted_batches(lengths, size: int) -> list[list[int]]:
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def fixed_batches(n: int, size: int) -> list[list[int]]:

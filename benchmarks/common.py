@@ -27,7 +27,8 @@ def machine() -> dict:
     except (OSError, AttributeError):
         pass
     simd = [f for f in ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8") if f in flags]
-    return {"cpu": cpu, "simd": simd, "matrix_units": matrix_units(flags), "cores": torch.get_num_threads(), "threads": torch.get_num_threads(),
+    return {"cpu": cpu, "simd": simd, "matrix_units": matrix_units(flags), "cores": torch.get_num_threads(),
+            "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
@@ -60,6 +61,12 @@ def peak_rss() -> int:
 def _status_kb(field: str) -> int:
     match = re.search(rf"{field}:\s*(\d+) kB", Path("/proc/self/status").read_text())
     return int(match.group(1)) if match else 0
+
+
+def sorted_batches(lengths, size: int) -> list[list[int]]:
+    """Indices sorted by length, longest first, in batches of ``size``."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    return [order[i:i + size] for i in range(0, len(order), size)]
 
 
 def stack_params(config: EncoderConfig) -> int:

@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import sorted_batches
+
 BATCH = 32
 
 
@@ -55,7 +57,8 @@ def export_onnx(folder: str, path: Path) -> Path:
 
 
 class Batcher:
-    """Texts -> length-sorted (order, input_ids, attention_mask) int64 batches of ``BATCH``."""
+    """Texts -> length-sorted (order, input_ids, attention_mask) int64 batches of ``BATCH``:
+    each text tokenized once, each batch padded to its longest."""
 
     def __init__(self, folder: str) -> None:
         from transformers import AutoTokenizer
@@ -63,13 +66,12 @@ class Batcher:
         self.tokenizer = AutoTokenizer.from_pretrained(folder)
 
     def __call__(self, texts: list[str]):
-        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=True, max_length=256)["input_ids"]]
-        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-        for start in range(0, len(order), BATCH):
-            chunk = order[start:start + BATCH]
-            enc = self.tokenizer([texts[i] for i in chunk], padding=True, truncation=True, max_length=256,
-                                 return_tensors="np")
-            yield chunk, enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+        encoded = self.tokenizer(texts, truncation=True, max_length=256)
+        ids, masks = encoded["input_ids"], encoded["attention_mask"]
+        for chunk in sorted_batches([len(x) for x in ids], BATCH):
+            batch = self.tokenizer.pad({"input_ids": [ids[i] for i in chunk],
+                                        "attention_mask": [masks[i] for i in chunk]}, return_tensors="np")
+            yield chunk, batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
 
 
 def run_batches(batcher: Batcher, infer, texts: list[str]) -> np.ndarray:

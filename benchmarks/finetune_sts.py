@@ -130,11 +130,11 @@ def sts_markdown(result: dict) -> str:
     facts, runs, base = result["machine"], result["runs"], result["base_dev_spearman"]
     precisions = list(dict.fromkeys(r["precision"] for r in runs))
     units = facts.get("matrix_units") or ", ".join(facts["simd"])
-    r = result
+    res = result
     lines = [f"**Fine-tuning all-MiniLM-L6-v2 on STS-B train with CoSENT** ({facts['cpu']} "
-             f"({units}; native bf16: {'yes' if facts['native_bf16'] else 'no'}), {r['threads']} threads, torch "
-             f"{facts['torch']}; {r['date']}): {r['epochs']} epoch(s) of {r['steps'] // r['epochs']} steps, batch "
-             f"{r['batch_size']}, lr {r['lr']:g}, {r['warmup']} warm-up steps then linear "
+             f"({units}; native bf16: {'yes' if facts['native_bf16'] else 'no'}), {res['threads']} threads, torch "
+             f"{facts['torch']}; {res['date']}): {res['epochs']} epoch(s) of {res['steps'] // res['epochs']} steps, "
+             f"batch {res['batch_size']}, lr {res['lr']:g}, {res['warmup']} warm-up steps then linear "
              "decay, weight decay 0, clipping 1.0, the last partial batch dropped, for both; sentence-transformers "
              "through its `SentenceTransformerTrainer` (what `fit` runs). Dev Spearman x100 (cosine vs gold) on "
              f"`stsb_en_dev.csv` (1,500 pairs) at the end of training; base model: **{base:.2f}**. "

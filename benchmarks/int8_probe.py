@@ -75,8 +75,9 @@ def main() -> None:
     facts = machine()
     lines = [line for line in SHARED_WEB.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = random.Random(0).sample(lines, args.lines)
-    reference = ctxvec.load("minilm").embed(texts)
-    fp32_spearman = evaluate_pairs(ctxvec.load("minilm"), DEV).spearman if DEV.is_file() else None
+    fp32 = ctxvec.load("minilm")
+    reference = fp32.embed(texts)
+    fp32_spearman = evaluate_pairs(fp32, DEV).spearman if DEV.is_file() else None
     pipeline = ctxvec.load("minilm", precision="bf16" if facts["native_bf16"] else "fp32")
     weights = {layer: quantize_weight(layer) for layer in pipeline.encoder.stack.modules()
                if isinstance(layer, nn.Linear)}
