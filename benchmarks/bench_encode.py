@@ -87,6 +87,8 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
     folder = str(minilm_dir())
     ours32 = ctxvec.load("minilm")
     ours16 = ctxvec.load("minilm", precision="bf16")
+    one32, one16 = ctxvec.load("minilm"), ctxvec.load("minilm", precision="bf16")
+    one32.streams = one16.streams = 1  # every batch on all threads, one at a time (engine.streams)
     st32 = SentenceTransformer(folder, device="cpu")
     st16 = SentenceTransformer(folder, device="cpu").to(torch.bfloat16)
     hf_tok = AutoTokenizer.from_pretrained(folder)
@@ -116,11 +118,15 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
     ours_slots = ctxvec_slots(L, ours32.encoder.config.max_len)
     return [
         System("ctxvec fp32", "minilm", "fp32", lambda n=None: ours32.embed(texts[:n]), L, ours_slots, len(texts)),
+        System("ctxvec fp32, one stream", "minilm", "fp32", lambda n=None: one32.embed(texts[:n]), L, ours_slots,
+               len(texts)),
         System("sentence-transformers fp32", "minilm", "fp32",
                lambda n=None: st32.encode(texts[:n], batch_size=32, convert_to_numpy=True), L, st_slots(texts, L), len(texts)),
         System("HF BertModel fp32, unsorted batches of 32", "minilm", "fp32", lambda n=None: hf_unsorted(texts[:n]), L,
                padded(L, fixed_batches(len(L), 32)), len(texts)),
         System("ctxvec bf16", "minilm", "bf16", lambda n=None: ours16.embed(bf16_texts[:n]), L16,
+               ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
+        System("ctxvec bf16, one stream", "minilm", "bf16", lambda n=None: one16.embed(bf16_texts[:n]), L16,
                ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
         System("sentence-transformers bf16", "minilm", "bf16",
                lambda n=None: np.asarray(st16.encode(bf16_texts[:n], batch_size=32, convert_to_tensor=True).float()),
@@ -131,7 +137,7 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
 def exported_systems(texts: list[str], bf16_texts: list[str], threads: int, workdir: Path,
                      calibration_texts: list[str]) -> list[System]:
     """ONNX Runtime and OpenVINO on MiniLM exported to ONNX (``exported.py``)."""
-    from exported import Batcher, export_onnx, onnxruntime_runners, openvino_runners, run_batches
+    from exported import Batcher, export_onnx, onnxruntime_runners, openvino_runners, run_batches, run_batches_async
 
     folder = str(minilm_dir())
     onnx_path = export_onnx(folder, workdir / "minilm.onnx")
@@ -142,11 +148,13 @@ def exported_systems(texts: list[str], bf16_texts: list[str], threads: int, work
     lengths = [len(e.ids) for e in ctxvec.load("minilm").tokenizer.tokenize(texts)]
     systems = []
     for runtime, by_precision in runners.items():
-        for precision, infer in by_precision.items():
+        for name, infer in by_precision.items():
+            precision = name.split()[0]
             sample = bf16_texts if precision == "bf16" else texts
             L = lengths[: len(sample)]
-            systems.append(System(f"{runtime} {precision}", "minilm", precision,
-                                  lambda n=None, infer=infer, sample=sample: run_batches(batcher, infer, sample[:n]),
+            run = run_batches if callable(infer) else run_batches_async
+            systems.append(System(f"{runtime} {name}", "minilm", precision,
+                                  lambda n=None, infer=infer, sample=sample, run=run: run(batcher, infer, sample[:n]),
                                   L, padded(L, sorted_batches(L, 32)),
                                   len(sample)))
     return systems
@@ -309,8 +317,10 @@ def main() -> None:
         "ctxvec bf16 / sentence-transformers fp32": ratio("ctxvec bf16", "sentence-transformers fp32"),
         "ctxvec bf16 / sentence-transformers bf16": ratio("ctxvec bf16", "sentence-transformers bf16"),
         "ctxvec fp32 / HF BertModel unsorted": ratio("ctxvec fp32", "HF BertModel fp32, unsorted batches of 32"),
-        **{f"ctxvec {p} / {runtime} {p}": ratio(f"ctxvec {p}", f"{runtime} {p}")
-           for runtime in ("ONNX Runtime", "OpenVINO") for p in ("fp32", "bf16") if f"{runtime} {p}" in by},
+        **{f"ctxvec {p} / ctxvec {p}, one stream": ratio(f"ctxvec {p}", f"ctxvec {p}, one stream") for p in ("fp32", "bf16")},
+        **{f"ctxvec {p} / {peer}": ratio(f"ctxvec {p}", peer)
+           for p in ("fp32", "bf16") for peer in (f"ONNX Runtime {p}", f"OpenVINO {p}", f"OpenVINO {p} throughput")
+           if peer in by},
         "seed: ctxvec / nn.TransformerEncoder, same batches":
             ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, same batches"),
         "seed: ctxvec / nn.TransformerEncoder, unsorted":

@@ -128,3 +128,25 @@ def test_a_texts_vector_depends_on_its_batch_within_the_stated_bound(precision):
     worst = max(float(np.abs(v - alone).max()) for v in variants)
     print(f"\n{precision}: a text's vector moves at most {worst:.2e} with its batch")
     assert worst <= BATCH_BOUND[precision]
+
+
+@pytest.mark.parametrize("streams", [1, 2, None])
+def test_streams_change_no_vector_and_keep_the_callers_threads(streams):
+    """Batches side by side (engine.streams) run the same batches: the same fp32 vectors."""
+    pipeline, texts = _tiny_pipeline(), _texts(200, seed=2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        reference = pipeline.embed(texts, batch_tokens=128)
+        reference_tokens = pipeline.encode(texts[:50], batch_tokens=64)
+        pipeline.streams = streams
+        shapes = []
+        vectors = pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), 128, shapes.append).vectors
+        tokens = pipeline.encode(texts[:50], batch_tokens=64)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    assert np.array_equal(vectors, reference)
+    assert [t.tokens for t in tokens] == [t.tokens for t in reference_tokens]
+    assert all(np.array_equal(a.vectors, b.vectors) for a, b in zip(tokens, reference_tokens))
+    assert sum(s.texts for s in shapes) == len(texts) and len(shapes) > 4

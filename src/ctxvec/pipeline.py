@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length
 from ctxvec.engine.linear import repack_weights
 from ctxvec.engine.route import route_for
 from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
+from ctxvec.engine.streams import StreamPlan, plan_streams, run_in_streams
 from ctxvec.model.config import EncoderConfig
 from ctxvec.validation import is_int
 from ctxvec.model.encoder import Encoder
@@ -25,6 +27,7 @@ from ctxvec.model.pooling import Pooling
 from ctxvec.tokenizer import Encoded, Tokenizer, as_texts
 
 log = logging.getLogger(__name__)
+Result = TypeVar("Result")
 
 
 @dataclass
@@ -122,6 +125,9 @@ class Pipeline:
         self.description = description
         self.precision = "fp32"
         self._kept_weights: dict | None = None  # see keep_repacked_weights
+        # Batches side by side on a CPU (``engine.streams``): None picks by the call's batches
+        # and threads (one per thread when each gets two batches); 1 runs them one at a time.
+        self.streams: int | None = None
 
     def set_precision(self, precision: str) -> Pipeline:
         """Run the encoder in "fp32" (exact) or "bf16" (weights and activations in bfloat16).
@@ -156,10 +162,13 @@ class Pipeline:
         return self.encoder.config.d_model
 
     def _forward(self, encoded: Sequence[Encoded], batch_tokens: int,
+                 finish: Callable[[list[int], torch.Tensor, torch.Tensor], Result],
                  on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
-                 ) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor]]:
-        """(indices, hidden (B, T, D), attention_mask (B, T)) per length-sorted batch; ``trim``:
-        give freed heap memory back to the system at the end (``release_memory``)."""
+                 ) -> Iterator[tuple[list[int], Result]]:
+        """(indices, ``finish(indices, hidden (B, T, D) fp32, attention_mask (B, T))``) per
+        length-sorted batch, in order; the batches run in streams (``engine.streams``) and
+        ``finish`` with them. ``trim``: give freed heap memory back to the system at the end
+        (``release_memory``)."""
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
@@ -169,17 +178,28 @@ class Pipeline:
             # as much per batch: worth it from three batches on. The copies live for this call.
             repacked = (self._kept_weights if self._kept_weights is not None
                         else repack_weights(self.encoder) if len(batches) > 2 else {})
-            for indices in batches:
-                rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
-                                           self.encoder.config.max_len)
-                batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
-                route = route_for(self.encoder, batch.attention_mask, repacked)
-                hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
-                if on_batch is not None:
-                    on_batch(BatchShape(len(indices), rows, width, sum(lengths[i] for i in indices)))
-                yield indices, hidden[: len(indices)].float(), batch.attention_mask[: len(indices)]
+
+        def run(indices: list[int]) -> tuple[list[int], BatchShape, Result]:
+            rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
+                                       self.encoder.config.max_len)
+            batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
+            route = route_for(self.encoder, batch.attention_mask, repacked)
+            hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
+            shape = BatchShape(len(indices), rows, width, sum(lengths[i] for i in indices))
+            return indices, shape, finish(indices, hidden[: len(indices)].float(),
+                                          batch.attention_mask[: len(indices)])
+
+        for indices, shape, result in run_in_streams(run, batches, self._stream_plan(len(batches))):
+            if on_batch is not None:
+                on_batch(shape)
+            yield indices, result
         if trim:
             release_memory()
+
+    def _stream_plan(self, batches: int) -> StreamPlan:
+        if next(self.encoder.parameters()).device.type != "cpu":
+            return StreamPlan(1, torch.get_num_threads())
+        return plan_streams(batches, torch.get_num_threads(), self.streams)
 
     def encode(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                strict: bool = False) -> list[TokenVectors]:
@@ -239,8 +259,8 @@ class Pipeline:
         caller (``engine.runtime.release_memory``): one that makes many small calls in a row, as
         the server does, trims when it is idle instead of after every call (~10% of a small call).
         """
-        for indices, hidden, mask in self._forward(encoded, batch_tokens, on_batch, trim):
-            yield indices, self.pooling(hidden, mask).numpy()
+        yield from self._forward(encoded, batch_tokens, lambda _, hidden, mask: self.pooling(hidden, mask).numpy(),
+                                 on_batch, trim)
 
     def token_vector_batches(self, texts: Sequence[str], encoded: Sequence[Encoded],
                              batch_tokens: int = DEFAULT_BATCH_TOKENS,
@@ -248,11 +268,13 @@ class Pipeline:
                              ) -> Iterator[tuple[list[int], list[TokenVectors]]]:
         """(indices into ``encoded``, their ``TokenVectors``) per forward pass (the arguments as
         for ``sentence_vector_batches``)."""
-        for indices, hidden, _ in self._forward(encoded, batch_tokens, on_batch, trim):
+        def finish(indices: list[int], hidden: torch.Tensor, _: torch.Tensor) -> list[TokenVectors]:
             hidden = hidden.numpy()
-            yield indices, [TokenVectors(
+            return [TokenVectors(
                 text=texts[i], tokens=encoded[i].tokens, ids=list(encoded[i].ids),
                 special=[bool(s) for s in encoded[i].special_tokens_mask],
                 vectors=hidden[row, : len(encoded[i].ids)].copy(),
                 truncated=encoded[i].truncated, n_tokens_full=encoded[i].n_tokens_full)
                 for row, i in enumerate(indices)]
+
+        yield from self._forward(encoded, batch_tokens, finish, on_batch, trim)

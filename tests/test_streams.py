@@ -1,0 +1,84 @@
+import threading
+
+import pytest
+import torch
+
+from ctxvec.engine.streams import StreamPlan, plan_streams, run_in_streams
+
+
+@pytest.mark.parametrize("batches, threads, streams, plan", [
+    (100, 2, None, StreamPlan(2, 1)),   # one stream per thread
+    (3, 2, None, StreamPlan(1, 2)),     # too few batches for two streams: one, on both threads
+    (4, 2, None, StreamPlan(2, 1)),
+    (1, 8, None, StreamPlan(1, 8)),
+    (0, 4, None, StreamPlan(1, 4)),
+    (100, 8, 2, StreamPlan(2, 4)),      # asked for: the threads shared out
+    (100, 2, 5, StreamPlan(2, 1)),      # never more streams than threads
+    (1, 4, 3, StreamPlan(1, 4)),        # nor than batches
+    (100, 1, None, StreamPlan(1, 1)),
+])
+def test_plan_streams(batches, threads, streams, plan):
+    assert plan_streams(batches, threads, streams) == plan
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_streams_must_be_a_positive_integer(bad):
+    with pytest.raises(ValueError, match="streams must be a positive integer or None"):
+        plan_streams(10, 2, bad)
+
+
+@pytest.mark.parametrize("plan", [StreamPlan(1, 2), StreamPlan(2, 1), StreamPlan(3, 1)], ids=str)
+def test_results_come_in_order_with_bounded_work_in_flight(plan):
+    pulled, yielded, ahead = [0], [0], []
+
+    def items():
+        for i in range(40):
+            pulled[0] += 1
+            ahead.append(pulled[0] - yielded[0])
+            yield i
+
+    def work(i):
+        assert torch.is_inference_mode_enabled()
+        return i * i, torch.get_num_threads(), threading.current_thread().name
+
+    before = torch.get_num_threads()
+    results = []
+    for result in run_in_streams(work, items(), plan):
+        yielded[0] += 1
+        results.append(result)
+    assert [r[0] for r in results] == [i * i for i in range(40)]
+    assert max(ahead) <= 2 * plan.streams + 1  # in flight, and the one being handed back
+    if plan.streams > 1:
+        assert {r[1] for r in results} == {plan.threads_each}
+        assert all(r[2].startswith("ctxvec-stream") for r in results)
+    else:
+        assert {r[2] for r in results} == {threading.current_thread().name}
+    assert torch.get_num_threads() == before
+    assert not torch.is_inference_mode_enabled()
+
+
+def test_an_error_in_a_stream_reaches_the_caller_and_stops_the_rest():
+    started = []
+
+    def work(i):
+        started.append(i)
+        if i == 3:
+            raise RuntimeError("batch 3 failed")
+        return i
+
+    before = torch.get_num_threads()
+    got = []
+    with pytest.raises(RuntimeError, match="batch 3 failed"):
+        for r in run_in_streams(work, range(1000), StreamPlan(2, 1)):
+            got.append(r)
+    assert got == [0, 1, 2]
+    assert len(started) < 20
+    assert torch.get_num_threads() == before
+
+
+def test_a_caller_that_stops_early_leaves_no_thread_behind():
+    before = {t.name for t in threading.enumerate()}
+    results = run_in_streams(lambda i: i, range(1000), StreamPlan(2, 1))
+    assert next(results) == 0
+    results.close()
+    assert not {t.name for t in threading.enumerate() if t.name.startswith("ctxvec-stream")} - before
