@@ -274,7 +274,7 @@ def main() -> None:
     for model, config in (("minilm", ctxvec.load("minilm").encoder.config),
                           ("seed", ctxvec.EncoderConfig())):
         for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-            routes[(model, precision)] = matmul_limit(config, dtype, reps=5 if precision == "fp32" else 2)
+            routes[(model, precision)] = matmul_limit(config, dtype)
             limits[(model, precision)] = max(routes[(model, precision)].values())
     routes[("minilm", "int8")] = int8_matmul_limit(ctxvec.load("minilm").encoder.config)
     limits[("minilm", "int8")] = max(routes[("minilm", "int8")].values())

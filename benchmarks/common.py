@@ -81,11 +81,13 @@ def inference_flops(config: EncoderConfig, lengths) -> float:
     return float(sum(2 * n * t + 4 * config.n_layers * config.d_model * t * t for t in lengths))
 
 
-def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 5) -> dict[str, float]:
+def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, reps: int = 25) -> dict[str, float]:
     """Measured GFLOP/s of the model's own GEMMs (QKV, out, FFN up, FFN down) at ``rows`` tokens,
     by PyTorch's two CPU routes: ``F.linear`` (MKL in fp32, oneDNN in bf16) and the oneDNN
     linear on repacked weights that ``ctxvec.engine.linear`` takes at inference. The machine's
-    limit is the better of the two (``max`` of the returned values)."""
+    limit is the better of the two (``max`` of the returned values). One pass over the four
+    takes ~2 ms in bf16 on 2 AMX cores: medians of 2 passes read 1,400-1,900 GFLOP/s there, of
+    25 passes 1,960-2,000, hence many."""
     from ctxvec.engine.linear import linear
 
     d, f = config.d_model, config.d_ff
@@ -101,7 +103,7 @@ def matmul_limit(config: EncoderConfig, dtype: torch.dtype, rows: int = 1024, re
                 for (k, _), layer in zip(shapes, layers):
                     route(xs[k], layer)
 
-            result[name] = flops / median_seconds(once, reps) / 1e9
+            result[name] = flops / median_seconds(once, reps, warmup=3) / 1e9
     return result
 
 
@@ -117,7 +119,7 @@ def median_seconds(once, reps: int, warmup: int = 1) -> float:
     return statistics.median(times)
 
 
-def int8_matmul_limit(config: EncoderConfig, rows: int = 1024, reps: int = 5) -> dict[str, float]:
+def int8_matmul_limit(config: EncoderConfig, rows: int = 1024, reps: int = 50) -> dict[str, float]:
     """Measured GOP/s of the model's own GEMMs at ``rows`` tokens in int8 (uint8 activations,
     int8 weights per output channel, prepacked; bf16 out): oneDNN's quantized linear
     (``torch.ops.onednn.qlinear_pointwise``, on AMX-INT8 or VNNI where the CPU has them)."""
@@ -137,7 +139,7 @@ def int8_matmul_limit(config: EncoderConfig, rows: int = 1024, reps: int = 5) ->
 
     ops = sum(2 * rows * k * n for k, n in shapes)
     with torch.inference_mode():
-        return {"oneDNN int8": ops / median_seconds(once, reps) / 1e9}
+        return {"oneDNN int8": ops / median_seconds(once, reps, warmup=3) / 1e9}
 
 
 def write_results(name: str, result: dict, md: str, out: Path, update: bool) -> None:
