@@ -334,3 +334,11 @@ def test_a_port_in_use_is_one_line(tiny_model):
                                str(port)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip() == f"Error: cannot listen on 127.0.0.1:{port}: address already in use."
+
+
+@pytest.mark.parametrize("field, bad", [("streams", 0), ("streams", 1.5), ("batch_tokens", 0), ("timeout", -1)])
+def test_bad_settings_are_one_clear_error(field, bad):
+    from ctxvec.serve import ServeSettings
+
+    with pytest.raises(ValueError, match=f"{field} must be a positive"):
+        ServeSettings(**{field: bad})

@@ -8,6 +8,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 
 import ctxvec
 from ctxvec.engine.batching import LENGTH_MULTIPLE
@@ -50,13 +51,22 @@ class Recorder(WorkerEvents):
         self.on_queue = lambda texts, tokens: self.open.append((texts, tokens))
 
 
-def test_jobs_of_both_kinds_get_their_own_results_in_order(tiny):
+@pytest.fixture
+def two_threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("streams", [1, 2, None])
+def test_jobs_of_both_kinds_get_their_own_results_in_order(tiny, two_threads, streams):
     rng = random.Random(0)
     words = "light darkness waters deep heaven earth evening morning".split()
     jobs_texts = [[" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(rng.randint(1, 9))]
                   for _ in range(30)]
     events = Recorder()
-    worker = InferenceWorker(tiny, batch_tokens=256, max_queue_tokens=10**6, events=events)
+    worker = InferenceWorker(tiny, batch_tokens=256, max_queue_tokens=10**6, events=events, streams=streams)
     jobs = [worker.submit("embed" if i % 3 else "encode", texts, tiny.tokenizer.tokenize(texts))
             for i, texts in enumerate(jobs_texts)]  # all queued before the worker starts: one pool
     worker.start()
@@ -135,3 +145,31 @@ def test_a_cancelled_job_is_never_computed_and_a_started_one_is_let_go(tiny):
     assert reason == "timeout" and 0 < n < 400
     assert not started.future.done()  # nobody waits for it any more
     assert events.open[-1] == (0, 0)
+
+
+def test_under_load_streams_compute_batches_side_by_side_on_their_share_of_the_threads(tiny, two_threads):
+    """A batch alone gets every thread; beside another stream's, its share (one of two)."""
+    events, seen = Recorder(), []
+    events.on_batch = lambda shape: seen.append((threading.current_thread().name, torch.get_num_threads()))
+    worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6, events=events)
+    assert worker.streams == 2
+    texts = ["light and darkness " * 3] * 300
+    job = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts))
+    worker.start()
+    try:
+        got = np.stack(job.future.result(timeout=60))
+        alone = worker.submit("embed", ["after"], tiny.tokenizer.tokenize(["after"]))
+        alone.future.result(timeout=60)
+    finally:
+        worker.stop()
+    assert np.abs(got - tiny.embed(texts)).max() < 1e-6
+    assert {name for name, _ in seen} == {"ctxvec-inference-0", "ctxvec-inference-1"}
+    assert 1 in {threads for _, threads in seen}  # side by side
+    assert seen[-1][1] == 2  # the last request came alone: all the threads
+    assert events.open[-1] == (0, 0) and not worker.alive
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])
+def test_streams_must_be_a_positive_integer(tiny, bad):
+    with pytest.raises(ValueError, match="streams must be a positive integer"):
+        InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=100, streams=bad)

@@ -25,6 +25,8 @@ WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokeni
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for PyTorch.")
 @click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS, show_default=True,
               help="Padded tokens per forward pass.")
+@click.option("--streams", type=click.IntRange(min=1), default=None,
+              help="Batches computed side by side under load (default: one per thread; 1: one at a time).")
 @click.option("--max-queue-tokens", type=click.IntRange(min=1), default=262_144, show_default=True,
               help="Tokens that may wait for the model; past it, 429 with Retry-After.")
 @click.option("--max-inputs", type=click.IntRange(min=1), default=2048, show_default=True,
@@ -38,7 +40,7 @@ WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokeni
 @click.option("--api-key", envvar="CTXVEC_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
 def serve(model: str, host: str, port: int, precision: str, threads: int | None, batch_tokens: int,
-          max_queue_tokens: int, max_inputs: int, max_request_bytes: int, timeout: float, drain_timeout: float,
+          streams: int | None, max_queue_tokens: int, max_inputs: int, max_request_bytes: int, timeout: float, drain_timeout: float,
           api_key: str | None) -> None:
     """Serve MODEL over HTTP: OpenAI's POST /v1/embeddings, POST /v1/encode, GET /v1/models,
     GET /health, GET /metrics. One line per request goes to stderr.
@@ -49,7 +51,8 @@ def serve(model: str, host: str, port: int, precision: str, threads: int | None,
     from ctxvec.serve import ServeSettings, serve as run_server
 
     settings = ServeSettings(batch_tokens=batch_tokens, max_queue_tokens=max_queue_tokens, max_inputs=max_inputs,
-                             max_request_bytes=max_request_bytes, timeout=timeout, api_key=api_key)
+                             max_request_bytes=max_request_bytes, timeout=timeout, api_key=api_key,
+                             streams=streams)
     pipeline = load_pipeline(model, precision, threads)
     pipeline.keep_repacked_weights()  # the weights never change while serving
     pipeline.embed(WARM_UP, batch_tokens=batch_tokens)  # first-call costs before the first request

@@ -1,6 +1,6 @@
 """ctxvec serve: the embedding server applications call (OpenAI's ``/v1/embeddings`` and more).
 
-``worker`` (one thread owns the model and batches across requests), ``schemas`` (requests and
+``worker`` (owns the model, batches across requests, computes in streams), ``schemas`` (requests and
 errors in OpenAI's shapes), ``metrics`` (Prometheus), ``app`` (the endpoints, behind one door:
 auth, drain, logs), ``server`` (uvicorn, and the drain on SIGTERM).
 """

@@ -50,6 +50,8 @@ class ServeSettings:
         max_request_bytes: bytes of one request body; past it, 413.
         timeout: seconds a request may wait for its vectors; past it, 503.
         api_key: when set, every endpoint but /health wants ``Authorization: Bearer <key>``.
+        streams: batches computed side by side under load (None: one per CPU thread; 1: one
+            batch at a time on all threads; see ``serve.worker``).
     """
 
     batch_tokens: int = DEFAULT_BATCH_TOKENS
@@ -58,6 +60,7 @@ class ServeSettings:
     max_request_bytes: int = 16 * 2**20
     timeout: float = 60.0
     api_key: str | None = None
+    streams: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_tokens", "max_queue_tokens", "max_inputs", "max_request_bytes"):
@@ -65,6 +68,8 @@ class ServeSettings:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not is_real(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}.")
+        if self.streams is not None and (not is_int(self.streams) or self.streams < 1):
+            raise ValueError(f"streams must be a positive integer, got {self.streams!r}.")
         if self.api_key is not None and (not isinstance(self.api_key, str) or not self.api_key):
             raise ValueError("api_key must be a non-empty string.")
 
@@ -76,7 +81,7 @@ class ServerState:
         self.pipeline, self.settings = pipeline, settings
         self.metrics = Metrics()
         self.worker = InferenceWorker(pipeline, settings.batch_tokens, settings.max_queue_tokens,
-                                      events=self.metrics.events())
+                                      events=self.metrics.events(), streams=settings.streams)
         self.draining = False
         self.in_flight = 0  # requests received and not yet answered (the Door counts them)
         self.metrics.in_flight.set_function(lambda: self.in_flight)

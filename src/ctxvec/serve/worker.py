@@ -7,8 +7,13 @@ request never waits for the batch at hand to finish before it can join the next 
 is built around the oldest text in the pool: its neighbours in length, under the token budget, so
 that padding stays small and no text waits behind more than the texts older than it. A job is
 answered, in its own order, as soon as its last text is done. The worker wakes as soon as a job
-arrives: a request never waits for a full batch when the worker is idle. PyTorch's intra-op
-threads do the parallel work inside each forward pass.
+arrives: a request never waits for a full batch when the worker is idle.
+
+The worker computes in streams (as ``engine.streams`` does for a long call): one thread per
+stream, each taking the next batch from the pool as it is free. A batch that finds the other
+streams idle runs on all the CPU threads (one request alone gets the whole machine); under load,
+each stream runs its batch on its share of them, side by side, so that the forward passes'
+many small steps do not each wait for every thread (and for the cores the HTTP side takes).
 
 The queue is bounded in tokens (texts not yet computed): ``submit`` refuses a job that would
 overflow it (the server answers 429). A job whose request gave up (timeout, client gone) is
@@ -26,8 +31,11 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
 
+import torch
+
 from ctxvec.engine.batching import LENGTH_MULTIPLE
 from ctxvec.engine.runtime import release_memory
+from ctxvec.validation import is_int
 from ctxvec.pipeline import BatchShape, Pipeline
 from ctxvec.tokenizer import Encoded
 
@@ -115,41 +123,54 @@ def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int) -> l
 
 
 class InferenceWorker:
-    """The thread that owns ``pipeline`` (see the module's docstring).
+    """The threads that own ``pipeline`` (see the module's docstring).
 
     Args:
         pipeline: the model; nothing else may use it while the worker runs.
         batch_tokens: padded tokens per forward pass.
         max_queue_tokens: the queue's bound, in tokens not computed yet.
         events: hooks for metrics.
+        streams: batches computed side by side (default: one per CPU thread PyTorch uses; 1:
+            one batch at a time on all of them).
     """
 
     def __init__(self, pipeline: Pipeline, batch_tokens: int, max_queue_tokens: int,
-                 events: WorkerEvents | None = None) -> None:
+                 events: WorkerEvents | None = None, streams: int | None = None) -> None:
+        self.threads = torch.get_num_threads()
+        if streams is not None and (not is_int(streams) or streams < 1):
+            raise ValueError(f"streams must be a positive integer, got {streams!r}.")
+        self.streams = min(streams or self.threads, self.threads)
         self.pipeline = pipeline
         self.batch_tokens = batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.events = events or WorkerEvents()
         self._queue: deque[Job] = deque()  # submitted, not yet in the pool
-        self._pool: list[Pending] = []  # the worker's alone, in arrival order
-        self._open_texts = 0  # texts not computed yet, queued or pooled
+        self._pool: list[Pending] = []  # in arrival order; batches leave it as a stream takes them
+        self._open_texts = 0  # texts not computed yet: queued, pooled or being computed
         self._open_tokens = 0
-        self._wake = threading.Condition()
+        self._wake = threading.Condition()  # guards all of the above and the jobs' counts
         self._stop = False
+        self._busy = 0  # streams computing a batch
+        self._running = 0  # streams not yet ended
         self._tokens_per_second = 0.0
-        self._trimmed_at = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name="ctxvec-inference", daemon=True)
+        self._trimmed_at: float | None = time.monotonic()
+        self._threads = [threading.Thread(target=self._run, name=f"ctxvec-inference-{i}", daemon=True)
+                         for i in range(self.streams)]
 
     def start(self) -> InferenceWorker:
-        self._thread.start()
+        self._running = len(self._threads)
+        for thread in self._threads:
+            thread.start()
         return self
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the batch at hand, refuse the rest, and end the thread."""
+        """Finish the batches at hand, refuse the rest, and end the threads."""
         with self._wake:
             self._stop = True
-            self._wake.notify()
-        self._thread.join(timeout)
+            self._wake.notify_all()
+        deadline = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     # ---- requests' side -----------------------------------------------------------------------
     def submit(self, kind: Kind, texts: list[str], encoded: list[Encoded]) -> Job:
@@ -191,62 +212,79 @@ class InferenceWorker:
     # ---- the worker's side --------------------------------------------------------------------
     @property
     def alive(self) -> bool:
-        """The worker's thread runs (``/health`` says 503 otherwise)."""
-        return self._thread.is_alive()
+        """Every stream's thread runs (``/health`` says 503 otherwise)."""
+        return all(thread.is_alive() for thread in self._threads)
 
     def _run(self) -> None:
-        while self._take_arrivals():
-            batch: list[Pending] = []
+        """One stream: take a batch, compute it, answer the jobs it finishes; until stopped."""
+        while True:
+            with self._wake:
+                batch = self._take_batch()
+                if batch is None:
+                    break
+                if batch:  # alone: all the threads; beside other streams: its share
+                    threads = self.threads if self._busy == 0 else max(1, self.threads // self.streams)
+                    self._busy += 1
+            if not batch:  # idle: freed memory back to the system, outside the lock
+                release_memory()
+                continue
             try:
-                self._drop_abandoned()
-                if not self._pool:
-                    continue
-                batch = self._next_batch()
-                self._compute(batch)
+                results = self._compute(batch, threads)
+                self._finish(batch, results)
             except Exception as err:  # reported to every request of the batch, never lost
                 log.exception("inference failed")
-                self._fail({p.job for p in batch}, err)
-        self._fail({p.job for p in self._pool}, RuntimeError("the server stopped before computing it."))
+                self._finish(batch, None, err)
         with self._wake:
-            for job in self._queue:
-                job.future.cancel()
-            self._queue.clear()
+            self._running -= 1
+            if self._running == 0:  # the last stream out refuses what is left
+                self._fail({p.job for p in self._pool}, RuntimeError("the server stopped before computing it."))
+                for job in self._queue:
+                    job.future.cancel()
+                self._queue.clear()
 
-    def _take_arrivals(self) -> bool:
-        """Move the jobs that arrived into the pool, waiting while there is nothing to do (and
-        giving freed memory back on going idle); False once the worker is stopping."""
-        with self._wake:
-            idle = not self._queue and not self._pool and not self._stop
-        if idle and self._trimmed_at is not None:  # once per idle spell, outside the lock
-            release_memory()
-            self._trimmed_at = None
-        with self._wake:
-            while not self._queue and not self._pool and not self._stop:
-                self._wake.wait()
-            if self._stop:
-                return False
-            while self._queue:
+    def _take_batch(self) -> list[Pending] | None:
+        """(With the lock held.) The next batch, taken out of the pool, waiting while there is
+        nothing to do; [] once per idle spell (time to give memory back); None when stopping."""
+        while not self._stop:
+            while self._queue:  # arrivals join the pool
                 job = self._queue.popleft()
                 job.future.set_running_or_notify_cancel()  # only cancel() cancels, and it removes the job
-                for place in range(len(job.texts)):
-                    self._pool.append(Pending(job, place))
-            return True
+                self._pool.extend(Pending(job, place) for place in range(len(job.texts)))
+            self._drop_abandoned()
+            if self._pool:
+                batch = self._next_batch()
+                taken = set(map(id, batch))
+                self._pool = [p for p in self._pool if id(p) not in taken]
+                if self._pool:
+                    self._wake.notify()  # another stream may take the next batch
+                return batch
+            if self._busy == 0 and self._trimmed_at is not None:
+                self._trimmed_at = None
+                return []
+            self._wake.wait()
+        return None
 
     def _drop_abandoned(self) -> None:
         gone = {p.job for p in self._pool if p.job.abandoned}  # read once: cancel() may mark more meanwhile
-        for job in gone:
-            self.events.on_dropped(job.abandoned, job.left)
-        self._release(gone)
+        for job, dropped in self._release(gone).items():
+            self.events.on_dropped(job.abandoned, dropped)
 
-    def _release(self, jobs: set[Job]) -> None:
-        """The texts of ``jobs`` not computed yet leave the pool and the count."""
+    def _release(self, jobs: set[Job]) -> dict[Job, int]:
+        """(With the lock held.) The pooled texts of ``jobs`` leave the pool and the count; how
+        many each job lost. (Texts a stream is computing are counted when it is done.)"""
         if not jobs:
-            return
-        self._pool = [p for p in self._pool if p.job not in jobs]
-        with self._wake:
-            for job in jobs:
-                self._count(-job.left, -sum(len(job.encoded[i].ids) for i, r in enumerate(job.results) if r is None))
-                job.left = 0
+            return {}
+        dropped = {job: 0 for job in jobs}
+        kept = []
+        for p in self._pool:
+            if p.job in dropped:
+                dropped[p.job] += 1
+                p.job.left -= 1
+                self._count(-1, -p.length)
+            else:
+                kept.append(p)
+        self._pool = kept
+        return dropped
 
     def _next_batch(self) -> list[Pending]:
         """The oldest text of the pool, and its neighbours in length of the same kind."""
@@ -255,8 +293,11 @@ class InferenceWorker:
         chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens)  # same[0] is oldest
         return [same[i] for i in chosen]
 
-    def _compute(self, batch: list[Pending]) -> None:
-        """One forward pass (the batch fits the budget); every job it finishes is answered."""
+    def _compute(self, batch: list[Pending], threads: int) -> list:
+        """One forward pass on ``threads`` CPU threads (the batch fits the budget): its results,
+        in the batch's order."""
+        if torch.get_num_threads() != threads:  # this thread's own count
+            torch.set_num_threads(threads)
         encoded = [p.job.encoded[p.place] for p in batch]
         start = time.perf_counter()
         if batch[0].job.kind == "embed":
@@ -265,30 +306,40 @@ class InferenceWorker:
             texts = [p.job.texts[p.place] for p in batch]
             runs = self.pipeline.token_vector_batches(texts, encoded, self.batch_tokens, self.events.on_batch,
                                                       trim=False)
-        for indices, results in runs:
-            for index, result in zip(indices, results):
-                batch[index].job.results[batch[index].place] = result
+        results: list = [None] * len(batch)
+        for indices, batch_results in runs:
+            for index, result in zip(indices, batch_results):
+                results[index] = result
         seconds = time.perf_counter() - start
-        done = set(map(id, batch))
-        self._pool = [p for p in self._pool if id(p) not in done]
         tokens = sum(map(len, (e.ids for e in encoded)))
-        with self._wake:
-            self._count(-len(batch), -tokens)
-        for p in batch:
-            p.job.left -= 1
-            if p.job.left == 0:
-                p.job.future.set_result(p.job.results)
-        self._tokens_per_second = tokens / max(seconds, 1e-9)
+        self._tokens_per_second = tokens / max(seconds, 1e-9) * max(1, self._busy)
         self.events.on_computed(tokens, seconds)
+        return results
+
+    def _finish(self, batch: list[Pending], results: list | None, err: BaseException | None = None) -> None:
+        """The batch's texts leave the count; every job it finishes is answered (``err``: every
+        job in it fails)."""
         now = time.monotonic()
-        if self._trimmed_at is None:
-            self._trimmed_at = now
-        elif now - self._trimmed_at > TRIM_EVERY:  # under constant load, now and then
+        with self._wake:
+            self._busy -= 1
+            self._count(-len(batch), -sum(p.length for p in batch))
+            for i, p in enumerate(batch):
+                p.job.left -= 1
+                if results is not None:
+                    p.job.results[p.place] = results[i]
+            if err is not None:
+                self._fail({p.job for p in batch}, err)
+            for job in {p.job for p in batch}:
+                if job.left == 0 and not job.abandoned and not job.future.done():
+                    job.future.set_result(job.results)
+            trim = self._trimmed_at is not None and now - self._trimmed_at > TRIM_EVERY
+            if self._trimmed_at is None or trim:
+                self._trimmed_at = now
+        if trim:  # under constant load, now and then
             release_memory()
-            self._trimmed_at = now
 
     def _fail(self, jobs: set[Job], err: BaseException) -> None:
-        """Every job of ``jobs`` gets ``err``; its texts leave the pool."""
+        """(With the lock held.) Every job of ``jobs`` gets ``err``; its texts leave the pool."""
         self._release(jobs)
         for job in jobs:
             if not job.future.done():
