@@ -44,8 +44,8 @@ from common import (  # noqa: E402
 
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
-from ctxvec.engine.batching import (  # noqa: E402
-    DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, default_batch_tokens, length_sorted_batches, padded_shape)
+from ctxvec.pipeline import (  # noqa: E402
+    DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape)
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
 
 
@@ -67,11 +67,11 @@ def padded(lengths, batches) -> int:
     return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
-def ctxvec_slots(lengths, pipeline) -> int:
+def ctxvec_slots(lengths, max_len: int) -> int:
     """B * T summed over the batches Pipeline pads (attention's view; its matmuls skip padding)."""
-    total, budget, max_len = 0, pipeline.batch_tokens, pipeline.encoder.config.max_len
-    for b in length_sorted_batches(lengths, budget, LENGTH_MULTIPLE):
-        rows, width = padded_shape(max(lengths[i] for i in b), len(b), budget, max_len)
+    total = 0
+    for b in length_sorted_batches(lengths, DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE):
+        rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len)
         total += rows * width
     return total
 
@@ -115,7 +115,7 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
 
     L = lengths_of(texts)
     L16 = lengths_of(bf16_texts)
-    ours_slots = ctxvec_slots(L, ours32)
+    ours_slots = ctxvec_slots(L, ours32.encoder.config.max_len)
     return [
         System("ctxvec fp32", "minilm", "fp32", lambda n=None: ours32.embed(texts[:n]), L, ours_slots, len(texts)),
         System("ctxvec fp32, one stream", "minilm", "fp32", lambda n=None: one32.embed(texts[:n]), L, ours_slots,
@@ -125,9 +125,9 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
         System("HF BertModel fp32, unsorted batches of 32", "minilm", "fp32", lambda n=None: hf_unsorted(texts[:n]), L,
                padded(L, fixed_batches(len(L), 32)), len(texts)),
         System("ctxvec bf16", "minilm", "bf16", lambda n=None: ours16.embed(bf16_texts[:n]), L16,
-               ctxvec_slots(L16, ours16), len(bf16_texts)),
+               ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
         System("ctxvec bf16, one stream", "minilm", "bf16", lambda n=None: one16.embed(bf16_texts[:n]), L16,
-               ctxvec_slots(L16, ours16), len(bf16_texts)),
+               ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
         System("sentence-transformers bf16", "minilm", "bf16",
                lambda n=None: np.asarray(st16.encode(bf16_texts[:n], batch_size=32, convert_to_tensor=True).float()),
                L16, st_slots(bf16_texts, L16), len(bf16_texts)),
@@ -328,8 +328,7 @@ def main() -> None:
     }
     result = {"machine": facts, "threads": args.threads, "corpus": args.corpus.name, "lines": args.lines,
               "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
-              "batch_tokens": {"fp32": default_batch_tokens(torch.float32), "bf16": default_batch_tokens(torch.bfloat16)},
-              "date": time.strftime("%Y-%m-%d"),
+              "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
               "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()},
               "matmul_routes": {f"{m} {p}": by for (m, p), by in routes.items()}, "systems": rows, "ratios": ratios}
     write_results("bench_encode", result, markdown(result), args.out, update=not args.no_update)
@@ -342,8 +341,7 @@ def markdown(r: dict) -> str:
            f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}.",
            f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM), the first {r['seed_lines']} of them "
            f"(seed config), the first {r['bf16_lines']} for bf16; median of {r['rounds']} rounds "
-           f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, "
-           f"{r['batch_tokens']['fp32']} tokens in fp32, {r['batch_tokens']['bf16']} in bf16. "
+           f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, {r['batch_tokens']} tokens. "
            "Padding in batches: padded share of the (B, T) batches; ctxvec's matrix multiplies skip it "
            "(packed tokens), only its attention sees it.",
            "Matmul limit: the model's own GEMMs (QKV, out, FFN) at 1024 tokens, measured in the same run by "

@@ -150,19 +150,3 @@ def test_streams_change_no_vector_and_keep_the_callers_threads(streams):
     assert [t.tokens for t in tokens] == [t.tokens for t in reference_tokens]
     assert all(np.array_equal(a.vectors, b.vectors) for a, b in zip(tokens, reference_tokens))
     assert sum(s.texts for s in shapes) == len(texts) and len(shapes) > 4
-
-
-@pytest.mark.parametrize("precision, budget", [("fp32", 1024), ("bf16", 2048)])
-def test_the_default_budget_is_the_same_bytes_of_activations_in_every_precision(precision, budget):
-    from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, default_batch_tokens
-
-    pipeline, texts = _tiny_pipeline().set_precision(precision), _texts(400, seed=3)
-    assert pipeline.batch_tokens == budget == default_batch_tokens(next(pipeline.encoder.parameters()).dtype)
-    assert default_batch_tokens(torch.float32) == DEFAULT_BATCH_TOKENS
-    shapes = []
-    pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), on_batch=shapes.append)
-    assert max(s.rows * s.width for s in shapes) <= budget
-    assert max(s.rows * s.width for s in shapes) > budget // 2  # the budget is used, not the other one
-    explicit = []
-    pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), 256, explicit.append)
-    assert max(s.rows * s.width for s in explicit) <= 256

@@ -39,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.engine.distributed import Dist, PeerStopped
 from ctxvec.files import OutputError, atomic_write_text, exclusive_lock, format_bytes, fsync_dir, write_error
 from ctxvec.validation import is_int
@@ -106,7 +107,7 @@ def progress_records(output: Path) -> list[Path]:
 
 
 def embed_file(pipeline: Pipeline, path: str | Path, output: str | Path, *, fmt: FileFormat = "auto",
-               batch_tokens: int | None = None, strict: bool = False, resume: bool = False,
+               batch_tokens: int = DEFAULT_BATCH_TOKENS, strict: bool = False, resume: bool = False,
                chunk_size: int = DEFAULT_CHUNK, on_progress: Callable[[int, int], None] | None = None,
                processes: Dist | None = None) -> EmbedFileResult:
     """Write the sentence vectors of every line of ``path`` to ``output`` (.npy, float32, in order).
@@ -146,8 +147,7 @@ def embed_file(pipeline: Pipeline, path: str | Path, output: str | Path, *, fmt:
                                  '"text" field): say --format jsonl, or --format text to embed the lines as '
                                  "they are.")
         key = JobKey(source.digest, source.n_texts, pipeline.name, pipeline.precision, pipeline.dim,
-                     resolve_format(source.name, fmt), strict,
-                     pipeline.batch_tokens if batch_tokens is None else batch_tokens, chunk_size, d.world)
+                     resolve_format(source.name, fmt), strict, batch_tokens, chunk_size, d.world)
         job = PartialOutput(output, key, d.rank)
         # one decision for every process: resume only what process 0 can see was interrupted
         resume = d.agree(resume and job.partial.exists())

@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ctxvec.engine.batching import LENGTH_MULTIPLE, default_batch_tokens, length_sorted_batches, padded_shape
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape
 from ctxvec.engine.linear import repack_weights
 from ctxvec.engine.route import route_for
 from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
@@ -161,13 +161,7 @@ class Pipeline:
     def dim(self) -> int:
         return self.encoder.config.d_model
 
-    @property
-    def batch_tokens(self) -> int:
-        """The default budget of padded tokens per forward pass: 1024 in fp32, 2048 in bf16 (the
-        same bytes of activations; ``engine.batching.default_batch_tokens``)."""
-        return default_batch_tokens(next(self.encoder.parameters()).dtype)
-
-    def _forward(self, encoded: Sequence[Encoded], batch_tokens: int | None,
+    def _forward(self, encoded: Sequence[Encoded], batch_tokens: int,
                  finish: Callable[[list[int], torch.Tensor, torch.Tensor], Result],
                  on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                  ) -> Iterator[tuple[list[int], Result]]:
@@ -175,7 +169,6 @@ class Pipeline:
         length-sorted batch, in order; the batches run in streams (``engine.streams``) and
         ``finish`` with them. ``trim``: give freed heap memory back to the system at the end
         (``release_memory``)."""
-        batch_tokens = self.batch_tokens if batch_tokens is None else batch_tokens
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
@@ -208,33 +201,32 @@ class Pipeline:
             return StreamPlan(1, torch.get_num_threads())
         return plan_streams(batches, torch.get_num_threads(), self.streams)
 
-    def encode(self, texts: Iterable[str], *, batch_tokens: int | None = None,
+    def encode(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                strict: bool = False) -> list[TokenVectors]:
         """Context vectors for every token of every text, in input order.
 
         Args:
             texts: the texts.
-            batch_tokens: padded tokens per forward pass (default: ``self.batch_tokens``; the
-                vectors move by at most 1e-6 in fp32, 2e-3 in bf16, with it: the order of
-                floating-point sums).
+            batch_tokens: padded tokens per forward pass (the vectors move by at most 1e-6 in
+                fp32, 2e-3 in bf16, with it: the order of floating-point sums).
             strict: raise instead of truncating a text over the length limit, or of encoding a
                 text without a single token (``ctxvec.tokenizer.StrictError``).
         """
         texts = as_texts(texts)
         return self.token_vectors(texts, self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
 
-    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int | None = None,
+    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
                            strict: bool = False) -> SentenceVectors:
         """Sentence vectors (the model's own pooling and normalisation) and truncation facts."""
         return self.sentence_vectors(self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
 
-    def embed(self, texts: Iterable[str], *, batch_tokens: int | None = None,
+    def embed(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
               strict: bool = False) -> np.ndarray:
         """(n, d_model) float32 sentence vectors, in input order (see ``embed_with_details``)."""
         return self.embed_with_details(texts, batch_tokens=batch_tokens, strict=strict).vectors
 
     # ---- from texts already tokenized (``tokenizer.tokenize``): what a server batches -----------
-    def sentence_vectors(self, encoded: Sequence[Encoded], batch_tokens: int | None = None,
+    def sentence_vectors(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
                          on_batch: Callable[[BatchShape], None] | None = None) -> SentenceVectors:
         """``embed_with_details`` of tokenized texts; ``on_batch`` hears of every forward pass."""
         vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
@@ -248,7 +240,7 @@ class Pipeline:
         )
 
     def token_vectors(self, texts: Sequence[str], encoded: Sequence[Encoded],
-                      batch_tokens: int | None = None,
+                      batch_tokens: int = DEFAULT_BATCH_TOKENS,
                       on_batch: Callable[[BatchShape], None] | None = None) -> list[TokenVectors]:
         """``encode`` of tokenized texts (``texts`` are kept on the results)."""
         results: list[TokenVectors | None] = [None] * len(encoded)
@@ -258,7 +250,7 @@ class Pipeline:
         return results  # type: ignore[return-value]
 
     # ---- batch by batch, as each forward pass ends (a server answers requests as they are done) --
-    def sentence_vector_batches(self, encoded: Sequence[Encoded], batch_tokens: int | None = None,
+    def sentence_vector_batches(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
                                 on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                                 ) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices into ``encoded``, their sentence vectors (len(indices), D)) per forward pass.
@@ -271,7 +263,7 @@ class Pipeline:
                                  on_batch, trim)
 
     def token_vector_batches(self, texts: Sequence[str], encoded: Sequence[Encoded],
-                             batch_tokens: int | None = None,
+                             batch_tokens: int = DEFAULT_BATCH_TOKENS,
                              on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                              ) -> Iterator[tuple[list[int], list[TokenVectors]]]:
         """(indices into ``encoded``, their ``TokenVectors``) per forward pass (the arguments as

@@ -93,10 +93,9 @@ def model_options(command):
                           "AVX512-BF16/AMX and on GPUs."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads for PyTorch (default: PyTorch's choice)."),
-        click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
-                     help=f"Padded tokens per forward pass (a memory cap; default {DEFAULT_BATCH_TOKENS} in fp32, "
-                          f"{2 * DEFAULT_BATCH_TOKENS} in bf16: the same bytes; the vectors move by at most 1e-6 "
-                          "in fp32 with it, see the README)."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
+                     show_default=True, help="Padded tokens per forward pass (a memory cap; the vectors move by "
+                                                "at most 1e-6 in fp32 with it, see the README)."),
     ]
     for option in reversed(options):
         command = option(command)

@@ -10,20 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 
-import torch
-
-# Padded tokens per forward pass in fp32. On a 2-core CPU, batches of ~1k tokens keep the
-# activations in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for
-# MiniLM; at 2048 large fp32 temporaries start to cost page faults). bf16 activations take half
-# the bytes: ``default_batch_tokens`` gives it twice the tokens.
+# Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
+# in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
+# 2048 large fp32 temporaries start to cost page faults).
 DEFAULT_BATCH_TOKENS = 1024
-
-
-def default_batch_tokens(dtype: torch.dtype) -> int:
-    """The budget for activations of ``dtype``: as many bytes as ``DEFAULT_BATCH_TOKENS`` in fp32
-    (bf16: 2048 tokens; on an AMX Xeon with streams, 1.09-1.13x the speed of 1024, and the same
-    within 1% where bf16 runs on AVX512-BF16 alone)."""
-    return DEFAULT_BATCH_TOKENS * 32 // torch.finfo(dtype).bits
 # Batches are padded to a width that is a multiple of this, and to as many rows as the budget
 # allows at that width (rows of padding only): attention's matrix multiplies then come in at
 # most max_len / 4 shapes. oneDNN, which runs them in bf16, compiles and keeps a kernel per

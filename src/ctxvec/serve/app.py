@@ -28,6 +28,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.validation import is_int, is_real
 from ctxvec.pipeline import Pipeline, TokenVectors
 from ctxvec.serve.metrics import Metrics
@@ -43,7 +44,7 @@ class ServeSettings:
     """The server's limits (``ctxvec serve --help`` has them as flags).
 
     Attributes:
-        batch_tokens: padded tokens per forward pass (None: the pipeline's default).
+        batch_tokens: padded tokens per forward pass.
         max_queue_tokens: tokens that may wait for the model; past it, 429 with Retry-After.
         max_inputs: texts in one request; past it, 413.
         max_request_bytes: bytes of one request body; past it, 413.
@@ -53,7 +54,7 @@ class ServeSettings:
             batch at a time on all threads; see ``serve.worker``).
     """
 
-    batch_tokens: int | None = None
+    batch_tokens: int = DEFAULT_BATCH_TOKENS
     max_queue_tokens: int = 262_144
     max_inputs: int = 2048
     max_request_bytes: int = 16 * 2**20
@@ -63,8 +64,7 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_tokens", "max_queue_tokens", "max_inputs", "max_request_bytes"):
-            if (name != "batch_tokens" or self.batch_tokens is not None) and (
-                    not is_int(getattr(self, name)) or getattr(self, name) < 1):
+            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not is_real(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}.")

@@ -127,21 +127,21 @@ class InferenceWorker:
 
     Args:
         pipeline: the model; nothing else may use it while the worker runs.
-        batch_tokens: padded tokens per forward pass (None: the pipeline's default).
+        batch_tokens: padded tokens per forward pass.
         max_queue_tokens: the queue's bound, in tokens not computed yet.
         events: hooks for metrics.
         streams: batches computed side by side (default: one per CPU thread PyTorch uses; 1:
             one batch at a time on all of them).
     """
 
-    def __init__(self, pipeline: Pipeline, batch_tokens: int | None, max_queue_tokens: int,
+    def __init__(self, pipeline: Pipeline, batch_tokens: int, max_queue_tokens: int,
                  events: WorkerEvents | None = None, streams: int | None = None) -> None:
         self.threads = torch.get_num_threads()
         if streams is not None and (not is_int(streams) or streams < 1):
             raise ValueError(f"streams must be a positive integer, got {streams!r}.")
         self.streams = min(streams or self.threads, self.threads)
         self.pipeline = pipeline
-        self.batch_tokens = pipeline.batch_tokens if batch_tokens is None else batch_tokens
+        self.batch_tokens = batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.events = events or WorkerEvents()
         self._queue: deque[Job] = deque()  # submitted, not yet in the pool
