@@ -12,7 +12,9 @@ from collections.abc import Iterator, Sequence
 
 # Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
 # in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
-# 2048 large fp32 temporaries start to cost page faults).
+# 2048 large fp32 temporaries start to cost page faults). bf16 at 2048 ran 1.09-1.13x faster
+# on an AMX Xeon (2 streams), but with twice the row buckets a 100,000-line `ctxvec embed` grew
+# by 116 MB after its first quarter (1024: ~50 MB): the budget stays one for every precision.
 DEFAULT_BATCH_TOKENS = 1024
 # Batches are padded to a width that is a multiple of this, and to as many rows as the budget
 # allows at that width (rows of padding only): attention's matrix multiplies then come in at
