@@ -16,6 +16,9 @@ from ctxvec.engine.streams import StreamPlan, plan_streams, run_in_streams
     (100, 2, 5, StreamPlan(2, 1)),      # never more streams than threads
     (1, 4, 3, StreamPlan(1, 4)),        # nor than batches
     (100, 1, None, StreamPlan(1, 1)),
+    (None, 4, None, StreamPlan(4, 1)),  # a server's endless run of batches
+    (None, 4, 2, StreamPlan(2, 2)),
+    (None, 2, 8, StreamPlan(2, 1)),
 ])
 def test_plan_streams(batches, threads, streams, plan):
     assert plan_streams(batches, threads, streams) == plan

@@ -20,6 +20,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from itertools import islice
 from typing import TypeVar
 
 import torch
@@ -40,17 +41,19 @@ class StreamPlan:
     threads_each: int
 
 
-def plan_streams(batches: int, threads: int, streams: int | None = None) -> StreamPlan:
-    """How ``batches`` forward passes share ``threads`` CPU threads.
+def plan_streams(batches: int | None, threads: int, streams: int | None = None) -> StreamPlan:
+    """How ``batches`` forward passes (None: an endless run of them, a server's) share
+    ``threads`` CPU threads.
 
     ``streams`` None: one stream per thread, as many as have ``MIN_BATCHES_PER_STREAM`` batches
     each (one stream for a short call). A number: that many (at most one per thread and batch).
     """
+    most = threads if batches is None else min(threads, batches)
     if streams is None:
-        streams = min(threads, batches // MIN_BATCHES_PER_STREAM)
+        streams = most if batches is None else batches // MIN_BATCHES_PER_STREAM
     elif not is_int(streams) or streams < 1:
         raise ValueError(f"streams must be a positive integer or None (automatic), got {streams!r}.")
-    streams = max(1, min(streams, threads, batches))
+    streams = max(1, min(streams, most))
     return StreamPlan(streams, max(1, threads // streams))
 
 
@@ -76,17 +79,12 @@ def run_in_streams(work: Callable[[Item], Result], items: Iterable[Item], plan: 
     caller_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(plan.streams, thread_name_prefix="ctxvec-stream")
     try:
-        pending: deque[Future[Result]] = deque()
         remaining = iter(items)
-        for item in remaining:
-            pending.append(pool.submit(in_stream, item))
-            if len(pending) == 2 * plan.streams:
-                break
+        pending: deque[Future[Result]] = deque(pool.submit(in_stream, item)
+                                               for item in islice(remaining, 2 * plan.streams))
         while pending:
             result = pending.popleft().result()
-            for item in remaining:
-                pending.append(pool.submit(in_stream, item))
-                break
+            pending.extend(pool.submit(in_stream, item) for item in islice(remaining, 1))
             yield result
     finally:
         pool.shutdown(wait=True, cancel_futures=True)

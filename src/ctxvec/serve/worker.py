@@ -35,7 +35,7 @@ import torch
 
 from ctxvec.engine.batching import LENGTH_MULTIPLE
 from ctxvec.engine.runtime import release_memory
-from ctxvec.validation import is_int
+from ctxvec.engine.streams import plan_streams
 from ctxvec.pipeline import BatchShape, Pipeline
 from ctxvec.tokenizer import Encoded
 
@@ -137,9 +137,8 @@ class InferenceWorker:
     def __init__(self, pipeline: Pipeline, batch_tokens: int, max_queue_tokens: int,
                  events: WorkerEvents | None = None, streams: int | None = None) -> None:
         self.threads = torch.get_num_threads()
-        if streams is not None and (not is_int(streams) or streams < 1):
-            raise ValueError(f"streams must be a positive integer, got {streams!r}.")
-        self.streams = min(streams or self.threads, self.threads)
+        plan = plan_streams(None, self.threads, streams)
+        self.streams, self._threads_each = plan.streams, plan.threads_each
         self.pipeline = pipeline
         self.batch_tokens = batch_tokens
         self.max_queue_tokens = max_queue_tokens
@@ -223,17 +222,18 @@ class InferenceWorker:
                 if batch is None:
                     break
                 if batch:  # alone: all the threads; beside other streams: its share
-                    threads = self.threads if self._busy == 0 else max(1, self.threads // self.streams)
+                    threads = self.threads if self._busy == 0 else self._threads_each
                     self._busy += 1
             if not batch:  # idle: freed memory back to the system, outside the lock
                 release_memory()
                 continue
             try:
                 results = self._compute(batch, threads)
-                self._finish(batch, results)
             except Exception as err:  # reported to every request of the batch, never lost
                 log.exception("inference failed")
                 self._finish(batch, None, err)
+                continue
+            self._finish(batch, results)
         with self._wake:
             self._running -= 1
             if self._running == 0:  # the last stream out refuses what is left
