@@ -8,7 +8,11 @@ sentence or 32 sentences of real text (verses of the World English Bible, ../sha
 ask for base64 vectors (what the official ``openai`` client asks for). The load generator is a
 lean asyncio HTTP/1.1 client (no HTTP library's overhead on the cores the servers share with
 it), and every answer is checked while timed: the right number of vectors, each within cosine
-1e-4 of ctxvec's in-process vector of that text (fp32).
+1e-4 of ctxvec's in-process fp32 vector of that text (1e-3 in bf16).
+
+``--precision bf16`` runs all three in bf16 (``ctxvec serve --precision bf16``, Infinity's
+``--dtype bfloat16``): what one deploys on a CPU with bf16 matrix units. Its results go to
+their own files and block of BENCHMARKS.md (``bench_serve_bf16``).
 
 The peer runs in a virtual environment of its own (``--peer-venv``, made on the first run with
 ``pip install torch==2.13.0 infinity-emb[server,torch]``) from the local MiniLM folder, with
@@ -16,6 +20,7 @@ its defaults (batch size 32, no BetterTransformer). Writes benchmarks/results/be
 and updates BENCHMARKS.md.
 
     .venv/bin/python benchmarks/bench_serve.py [--seconds 20] [--warmup 10] [--threads 2] [--clients 1,16,64]
+                                               [--precision fp32|bf16]
 """
 
 from __future__ import annotations
@@ -46,6 +51,8 @@ import ctxvec  # noqa: E402
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
 
 INFINITY = "infinity-emb[server,torch]==0.0.78"
+INFINITY_DTYPE = {"fp32": "float32", "bf16": "bfloat16"}
+MIN_COSINE = {"fp32": 0.9999, "bf16": 0.999}  # to ctxvec's in-process fp32 vectors
 
 
 @dataclass
@@ -72,9 +79,10 @@ def free_port() -> int:
 class Server:
     """A server in a subprocess, ready once ``GET /health`` answers 200."""
 
-    def __init__(self, name: str, command: list[str], port: int, path: str, model: str, env: dict) -> None:
+    def __init__(self, name: str, command: list[str], port: int, path: str, model: str, env: dict,
+                 precision: str) -> None:
         self.name, self.port, self.path, self.model = name, port, path, model
-        self.log = open(ROOT / "benchmarks" / "results" / f"bench_serve.{name}.log", "w")
+        self.log = open(ROOT / "benchmarks" / "results" / f"bench_serve.{name}.{precision}.log", "w")
         self.proc = subprocess.Popen(command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
@@ -100,10 +108,11 @@ class Server:
         self.log.close()
 
 
-def ctxvec_server(threads: int) -> Server:
+def ctxvec_server(threads: int, precision: str) -> Server:
     port = free_port()
-    command = [sys.executable, "-m", "ctxvec", "serve", "--port", str(port), "--threads", str(threads)]
-    return Server("ctxvec", command, port, "/v1/embeddings", "minilm", {**os.environ})
+    command = [sys.executable, "-m", "ctxvec", "serve", "--port", str(port), "--threads", str(threads),
+               "--precision", precision]
+    return Server("ctxvec", command, port, "/v1/embeddings", "minilm", {**os.environ}, precision)
 
 
 def peer_python(venv: Path) -> Path | None:
@@ -126,14 +135,15 @@ def peer_python(venv: Path) -> Path | None:
     return python
 
 
-def infinity_server(python: Path, threads: int) -> Server:
+def infinity_server(python: Path, threads: int, precision: str) -> Server:
     port = free_port()
     folder = str(minilm_dir())
     command = [str(python.parent / "infinity_emb"), "v2", "--model-id", folder, "--device", "cpu",
-               "--engine", "torch", "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+               "--engine", "torch", "--dtype", INFINITY_DTYPE[precision], "--host", "127.0.0.1",
+               "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1",
            "DO_NOT_TRACK": "1", "INFINITY_ANONYMOUS_USAGE_STATS": "0"}
-    return Server("infinity", command, port, "/embeddings", folder, env)
+    return Server("infinity", command, port, "/embeddings", folder, env, precision)
 
 
 # ---- the load ---------------------------------------------------------------------------------
@@ -227,6 +237,8 @@ def main() -> None:
     parser.add_argument("--texts", type=int, default=4096, help="distinct verses the requests cycle through")
     parser.add_argument("--peer-venv", type=Path, default=ROOT / ".venv-peer")
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--precision", choices=sorted(INFINITY_DTYPE), default="fp32",
+                        help="of all three: the in-process limit, ctxvec serve and Infinity")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true", help="leave BENCHMARKS.md alone")
     args = parser.parse_args()
@@ -238,13 +250,13 @@ def main() -> None:
     lines = [line for line in SHARED_WEB.read_text(encoding="utf-8").splitlines() if line.strip()]
     texts = random.Random(0).sample(lines, args.texts)
     torch.set_num_threads(args.threads)
-    pipeline = ctxvec.load("minilm")
-    reference = pipeline.embed(texts)  # (n, 384), unit length
+    reference = ctxvec.load("minilm").embed(texts)  # (n, 384) fp32, unit length: every answer's check
+    pipeline = ctxvec.load("minilm", precision=args.precision)
     limit = in_process(pipeline, texts, rounds=3)
-    print(f"in-process embed: {limit:.1f} sentences/s", flush=True)
+    print(f"in-process embed ({args.precision}): {limit:.1f} sentences/s", flush=True)
     del pipeline
 
-    servers = [("ctxvec", lambda: ctxvec_server(args.threads))]
+    servers = [("ctxvec", lambda: ctxvec_server(args.threads, args.precision))]
     peer_note = "not run (--no-peer)"
     if not args.no_peer:
         python = peer_python(args.peer_venv)
@@ -254,8 +266,9 @@ def main() -> None:
             version = subprocess.run([str(python), "-c", "import importlib.metadata as m; "
                                       "print(m.version('infinity-emb'), m.version('sentence-transformers'))"],
                                      capture_output=True, text=True).stdout.split()
-            peer_note = f"infinity-emb {version[0]} (torch engine, sentence-transformers {version[1]})"
-            servers.append(("infinity", lambda: infinity_server(python, args.threads)))
+            peer_note = (f"infinity-emb {version[0]} (torch engine, --dtype {INFINITY_DTYPE[args.precision]}, "
+                         f"sentence-transformers {version[1]})")
+            servers.append(("infinity", lambda: infinity_server(python, args.threads, args.precision)))
 
     cells: list[Cell] = []
     for name, start in servers:
@@ -268,26 +281,31 @@ def main() -> None:
                     print(f"{name:9s} {c:3d} clients x {per_request:2d} texts: {cell.sentences_per_s:7.1f} "
                           f"sentences/s, p50 {cell.p50_ms:7.1f} ms, p99 {cell.p99_ms:7.1f} ms, "
                           f"min cosine {cell.min_cosine:.6f}", flush=True)
+                    if cell.min_cosine < MIN_COSINE[args.precision]:
+                        raise RuntimeError(f"{name}'s vectors are off: min cosine {cell.min_cosine:.6f} to "
+                                           f"ctxvec's in-process fp32 ones")
                     cells.append(cell)
         finally:
             server.stop()
 
     facts = machine()
-    result = {"machine": facts, "threads": args.threads, "seconds": args.seconds, "texts": args.texts,
+    result = {"machine": facts, "threads": args.threads, "precision": args.precision, "seconds": args.seconds,
+              "texts": args.texts,
               "in_process_sentences_per_s": limit, "peer": peer_note, "cells": [asdict(c) for c in cells]}
-    write_results("bench_serve", result, markdown(result, cells, limit), args.out, not args.no_update)
+    name = "bench_serve" if args.precision == "fp32" else f"bench_serve_{args.precision}"
+    write_results(name, result, markdown(result, cells, limit), args.out, not args.no_update)
 
 
 def markdown(result: dict, cells: list[Cell], limit: float) -> str:
-    facts = result["machine"]
+    facts, precision = result["machine"], result["precision"]
     by = {(c.server, c.clients, c.texts_per_request): c for c in cells}
     lines = [
         f"`benchmarks/bench_serve.py`: {facts['cpu']} ({', '.join(facts['simd'])}), {result['threads']} threads "
-        f"per server, torch {facts['torch']}; all-MiniLM-L6-v2 fp32, {result['texts']} verses of the World "
-        f"English Bible; closed loops of C clients, {result['seconds']:g} s measured per row, base64 vectors, "
-        "every answer checked (min cosine to ctxvec in-process >= 0.9999).",
+        f"per server, torch {facts['torch']}; all-MiniLM-L6-v2 {precision}, {result['texts']} verses of the "
+        f"World English Bible; closed loops of C clients, {result['seconds']:g} s measured per row, base64 "
+        f"vectors, every answer checked (min cosine to ctxvec in-process fp32 >= {MIN_COSINE[precision]}).",
         "",
-        f"In-process `Pipeline.embed` of the same texts (the limit): **{limit:.1f} sentences/s**. "
+        f"In-process `Pipeline.embed` of the same texts in {precision} (the limit): **{limit:.1f} sentences/s**. "
         f"Peer: {result['peer']}.",
         "",
         "| server | texts per request | clients | sentences/s | of in-process | p50 ms | p99 ms |",
