@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ def tiny_config(**changes) -> EncoderConfig:
     base = dict(vocab_size=64, d_model=32, n_heads=4, d_ff=64, n_layers=2, dropout=0.0, max_len=40)
     base.update(changes)
     return EncoderConfig(**base)
+
+
+def threads_of_a_new_thread() -> int:
+    """The intra-op thread count a thread started now gets: OpenMP's count is per thread, so a
+    caller's own count cannot tell whether code that ran threads put the process default back."""
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    return seen[0]
 
 
 # The layer variants PyTorch has too, for the from_torch exactness tests (encoder and decoder).

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import ctxvec
 from ctxvec.files import OutputError
@@ -136,6 +137,61 @@ def test_two_gloo_processes_equal_one_and_each_resumes_its_own_range(tmp_path, t
     assert resumed.returncode == 0, resumed.stderr
     assert np.array_equal(np.load(out), reference)
     assert _leftovers(tmp_path, {"v.npy"}) == []
+
+
+def _rank_0_interrupted_before_its_first_chunk(rank: int, model: Path, src: Path, out: Path, store: Path) -> None:
+    """Process ``rank`` of 2 (gloo): process 1 finishes two chunks of its range, then both get a
+    Ctrl-C, process 0 before a chunk of its own is done."""
+    import torch.distributed as dist
+
+    from ctxvec.engine.distributed import Dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    record_1 = out.with_name(f".{out.name}.progress.1-of-2.json")
+    calls = []
+
+    def on_progress(done: int, total: int) -> None:
+        calls.append(done)
+        if rank == 1 and len(calls) == 3:  # at the start, then after each of two chunks
+            raise KeyboardInterrupt
+        if rank == 0:  # still on its first chunk when the signal comes
+            deadline = time.monotonic() + 60
+            while not (record_1.exists() and json.loads(record_1.read_text())["done"] >= 700):
+                assert time.monotonic() < deadline, "process 1 did not finish two chunks"
+                time.sleep(0.01)
+            raise KeyboardInterrupt
+
+    try:
+        embed_file(ctxvec.load(model), src, out, chunk_size=100, on_progress=on_progress, processes=Dist(rank, 2))
+    except EmbedInterrupted as interrupted:
+        message = str(interrupted)
+    else:
+        raise AssertionError(f"process {rank} was not interrupted")
+    assert "--resume" in message and "nothing was kept" not in message, message
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_process_0_keeps_the_chunks_of_the_others_when_it_has_none(tmp_path, tiny_model):
+    """A Ctrl-C that finds process 0 before its first chunk and process 1 two chunks in: the shared
+    partial file stays for process 1's chunks, and ``--resume`` finishes to the one-process bytes."""
+    import torch.multiprocessing as mp
+
+    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
+    _corpus(src, 1000)
+    one = subprocess.run(_embed_command(src, tmp_path / "one.npy", tiny_model), capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    mp.spawn(_rank_0_interrupted_before_its_first_chunk, args=(tiny_model, src, out, tmp_path / "store"), nprocs=2)
+    assert (tmp_path / ".v.npy.partial").exists()
+    assert not (tmp_path / ".v.npy.progress.0-of-2.json").exists()
+    assert json.loads((tmp_path / ".v.npy.progress.1-of-2.json").read_text())["done"] == 700
+
+    resumed = subprocess.run(_embed_command(src, out, tiny_model, "--nproc", "2", "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert np.array_equal(np.load(out), np.load(tmp_path / "one.npy"))
+    assert _leftovers(tmp_path, {"v.npy", "one.npy", "in.txt", "store"}) == []
 
 
 def test_a_failure_in_one_process_is_one_line_naming_it(tmp_path, tiny_model):

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import threads_of_a_new_thread
 from ctxvec.loading import load
 
 
@@ -137,16 +138,48 @@ def test_streams_change_no_vector_and_keep_the_callers_threads(streams):
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
+        pipeline.streams = 1  # the reference: one batch at a time
         reference = pipeline.embed(texts, batch_tokens=128)
         reference_tokens = pipeline.encode(texts[:50], batch_tokens=64)
         pipeline.streams = streams
         shapes = []
         vectors = pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), 128, shapes.append).vectors
         tokens = pipeline.encode(texts[:50], batch_tokens=64)
-        assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 2 and threads_of_a_new_thread() == 2
     finally:
         torch.set_num_threads(before)
     assert np.array_equal(vectors, reference)
     assert [t.tokens for t in tokens] == [t.tokens for t in reference_tokens]
     assert all(np.array_equal(a.vectors, b.vectors) for a, b in zip(tokens, reference_tokens))
     assert sum(s.texts for s in shapes) == len(texts) and len(shapes) > 4
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+@pytest.mark.parametrize("stop_early", [False, True], ids=["whole call", "caller stops early"])
+def test_a_calls_repacked_weights_are_freed_before_the_heap_is_trimmed(monkeypatch, streams, stop_early):
+    """The weights repacked for one call are gone when the call hands freed memory back, also when
+    its caller stops reading early; else they stay resident after every call."""
+    import weakref
+
+    import ctxvec.pipeline as pipeline_module
+
+    copies, alive_at_trim = [], []
+    repack_weights = pipeline_module.repack_weights
+
+    def repack(encoder):
+        weights = repack_weights(encoder)
+        copies.extend(weakref.ref(w) for w in weights.values())
+        return weights
+
+    monkeypatch.setattr(pipeline_module, "repack_weights", repack)
+    monkeypatch.setattr(pipeline_module, "release_memory",
+                        lambda: alive_at_trim.append(sum(ref() is not None for ref in copies)))
+    pipeline, texts = _tiny_pipeline(), _texts(200, seed=3)
+    pipeline.streams = streams
+    batches = pipeline.sentence_vector_batches(pipeline.tokenizer.tokenize(texts), 64)
+    if stop_early:
+        next(batches)
+        batches.close()
+    else:
+        assert sum(len(indices) for indices, _ in batches) == len(texts)
+    assert copies and alive_at_trim == [0]

@@ -3,7 +3,17 @@ import threading
 import pytest
 import torch
 
+from conftest import threads_of_a_new_thread
 from ctxvec.engine.streams import StreamPlan, plan_streams, run_in_streams
+
+
+@pytest.fixture
+def three_threads():
+    """The caller on 3 intra-op threads: a count no plan below gives its streams."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield 3
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("batches, threads, streams, plan", [
@@ -31,7 +41,7 @@ def test_streams_must_be_a_positive_integer(bad):
 
 
 @pytest.mark.parametrize("plan", [StreamPlan(1, 2), StreamPlan(2, 1), StreamPlan(3, 1)], ids=str)
-def test_results_come_in_order_with_bounded_work_in_flight(plan):
+def test_results_come_in_order_with_bounded_work_in_flight(plan, three_threads):
     pulled, yielded, ahead = [0], [0], []
 
     def items():
@@ -44,9 +54,9 @@ def test_results_come_in_order_with_bounded_work_in_flight(plan):
         assert torch.is_inference_mode_enabled()
         return i * i, torch.get_num_threads(), threading.current_thread().name
 
-    before = torch.get_num_threads()
     results = []
     for result in run_in_streams(work, items(), plan):
+        assert not torch.is_inference_mode_enabled()  # the caller's code between results: its own mode
         yielded[0] += 1
         results.append(result)
     assert [r[0] for r in results] == [i * i for i in range(40)]
@@ -56,11 +66,12 @@ def test_results_come_in_order_with_bounded_work_in_flight(plan):
         assert all(r[2].startswith("ctxvec-stream") for r in results)
     else:
         assert {r[2] for r in results} == {threading.current_thread().name}
-    assert torch.get_num_threads() == before
+    assert torch.get_num_threads() == three_threads
+    assert threads_of_a_new_thread() == three_threads  # the default put back
     assert not torch.is_inference_mode_enabled()
 
 
-def test_an_error_in_a_stream_reaches_the_caller_and_stops_the_rest():
+def test_an_error_in_a_stream_reaches_the_caller_and_stops_the_rest(three_threads):
     started = []
 
     def work(i):
@@ -69,19 +80,20 @@ def test_an_error_in_a_stream_reaches_the_caller_and_stops_the_rest():
             raise RuntimeError("batch 3 failed")
         return i
 
-    before = torch.get_num_threads()
     got = []
     with pytest.raises(RuntimeError, match="batch 3 failed"):
         for r in run_in_streams(work, range(1000), StreamPlan(2, 1)):
             got.append(r)
     assert got == [0, 1, 2]
     assert len(started) < 20
-    assert torch.get_num_threads() == before
+    assert threads_of_a_new_thread() == three_threads
 
 
-def test_a_caller_that_stops_early_leaves_no_thread_behind():
-    before = {t.name for t in threading.enumerate()}
+def test_a_caller_that_stops_early_leaves_no_thread_behind(three_threads):
+    before = set(threading.enumerate())
     results = run_in_streams(lambda i: i, range(1000), StreamPlan(2, 1))
     assert next(results) == 0
+    assert set(threading.enumerate()) - before  # the streams' threads run
     results.close()
-    assert not {t.name for t in threading.enumerate() if t.name.startswith("ctxvec-stream")} - before
+    assert not set(threading.enumerate()) - before
+    assert threads_of_a_new_thread() == three_threads

@@ -87,11 +87,16 @@ class EmbedFileResult:
 class EmbedInterrupted(Exception):
     """The job stopped early (a signal); the partial output is kept for ``resume``."""
 
-    def __init__(self, done: int, total: int) -> None:
-        super().__init__(f"interrupted after {done} of {total} texts; run the same command with --resume to "
-                         "continue." if done else
-                         f"interrupted before the first chunk of {total} texts was done; nothing was kept: "
-                         "run the command again.")
+    def __init__(self, done: int, total: int, kept: bool = False) -> None:
+        if done:
+            message = f"interrupted after {done} of {total} texts; run the same command with --resume to continue."
+        elif kept:  # this process had nothing done, other processes of the job had
+            message = (f"interrupted before this process's first chunk of {total} texts was done; the other "
+                       "processes' finished chunks are kept: run the same command with --resume to continue.")
+        else:
+            message = f"interrupted before the first chunk of {total} texts was done; nothing was kept: " \
+                      "run the command again."
+        super().__init__(message)
         self.done, self.total = done, total
 
 
@@ -343,6 +348,10 @@ class PartialOutput:
         """The progress records of this job's processes, process 0's first."""
         return [partial_paths(self.output, r, self.key.processes)[1] for r in range(self.key.processes)]
 
+    def any_saved(self) -> bool:
+        """Whether any of this job's processes has a chunk done (then its partial file is worth keeping)."""
+        return any(record.exists() for record in self._records())
+
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
@@ -380,14 +389,16 @@ class _Job:
             else:
                 self.job.close()
             return False
-        saved = self.job.progress.exists()  # a chunk is done: there is something to resume
-        if saved and (kind is KeyboardInterrupt or isinstance(error, (OutputError, PeerStopped))):
+        saved = self.job.progress.exists()  # this process has a chunk done: there is something to resume
+        # and the shared file stays while any process has chunks in it (process 0 with none of its own too)
+        kept = saved or self.job.any_saved()
+        if kept and (kind is KeyboardInterrupt or isinstance(error, (OutputError, PeerStopped))):
             self.job.close()  # the finished chunks stay, for --resume (once there is room)
         else:
             self.job.discard()
         if kind is KeyboardInterrupt:
             done = json.loads(self.job.progress.read_text())["done"] - self.job.first if saved else 0
-            raise EmbedInterrupted(done, self.job.last - self.job.first) from None
+            raise EmbedInterrupted(done, self.job.last - self.job.first, kept) from None
         return False
 
 

@@ -189,12 +189,15 @@ class Pipeline:
             return indices, shape, finish(indices, hidden[: len(indices)].float(),
                                           batch.attention_mask[: len(indices)])
 
-        for indices, shape, result in run_in_streams(run, batches, self._stream_plan(len(batches))):
-            if on_batch is not None:
-                on_batch(shape)
-            yield indices, result
-        if trim:
-            release_memory()
+        try:
+            for indices, shape, result in run_in_streams(run, batches, self._stream_plan(len(batches))):
+                if on_batch is not None:
+                    on_batch(shape)
+                yield indices, result
+        finally:  # also when the caller stops early or a batch fails
+            repacked = None  # this call's copies of the weights go before the heap is handed back
+            if trim:
+                release_memory()
 
     def _stream_plan(self, batches: int) -> StreamPlan:
         if next(self.encoder.parameters()).device.type != "cpu":

@@ -63,11 +63,15 @@ def run_in_streams(work: Callable[[Item], Result], items: Iterable[Item], plan: 
 
     At most two items per stream are in flight besides the one handed back, so memory stays
     bounded however many items come; an error in ``work`` is raised here, and the items not
-    yet started are dropped. One stream runs in the calling thread.
+    yet started are dropped. One stream runs in the calling thread. Inference mode holds only
+    around ``work``: never across a ``yield``, so the caller's own code between results runs
+    in its own mode, whatever the plan.
     """
     if plan.streams == 1:
-        with torch.inference_mode():
-            yield from map(work, items)
+        for item in items:
+            with torch.inference_mode():
+                result = work(item)
+            yield result
         return
 
     def in_stream(item: Item) -> Result:
@@ -87,5 +91,7 @@ def run_in_streams(work: Callable[[Item], Result], items: Iterable[Item], plan: 
             pending.extend(pool.submit(in_stream, item) for item in islice(remaining, 1))
             yield result
     finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-        torch.set_num_threads(caller_threads)  # the default for threads started from now on
+        try:
+            pool.shutdown(wait=True, cancel_futures=True)
+        finally:  # even when a second Ctrl-C cuts the wait short
+            torch.set_num_threads(caller_threads)  # the default for threads started from now on
