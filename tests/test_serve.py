@@ -122,6 +122,20 @@ def test_encode_gives_every_tokens_vector(server, minilm):
         assert np.abs(got - want.vectors).max() < 1e-5
 
 
+def test_large_answers_are_the_same_numbers(server, minilm):
+    """Answers past INLINE_ANSWER_VALUES numbers are written off the event loop: the same answers."""
+    from ctxvec.serve.app import INLINE_ANSWER_VALUES
+
+    texts = [f"verse {i}: " + " ".join(["light", "and", "waters"][: 1 + i % 3] * (1 + i % 7)) for i in range(200)]
+    assert len(texts) * minilm.dim > INLINE_ANSWER_VALUES
+    data = embed(server, {"input": texts, "encoding_format": "float"}).json()["data"]
+    assert np.abs(np.array([d["embedding"] for d in data]) - minilm.embed(texts)).max() < 1e-5
+    body = httpx.post(f"{server}/v1/encode", json={"input": texts, "encoding_format": "float"}, headers=AUTH,
+                      timeout=60).json()
+    for item, want in zip(body["data"], minilm.encode(texts), strict=True):
+        assert item["tokens"] == want.tokens and np.abs(np.array(item["vectors"]) - want.vectors).max() < 1e-5
+
+
 def test_models_health_and_metrics(server):
     models = httpx.get(f"{server}/v1/models", headers=AUTH).json()
     assert models["data"][0]["id"] == "minilm" and models["data"][0]["dimensions"] == 384

@@ -16,6 +16,7 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,13 @@ from ctxvec.serve.schemas import (
 from ctxvec.serve.worker import InferenceWorker, Job, QueueFull, TooBig
 
 log = logging.getLogger("ctxvec.serve")
+
+INLINE_TOKENIZE_CHARS = 4096  # requests up to this size are tokenized on the event loop (~1 ms)
+TOKENIZING_AT_ONCE = 1  # larger ones: in a thread, this many at a time
+# Answers of up to this many numbers are written on the event loop (~10 ms as JSON floats); larger
+# ones in a thread, so that one big answer (/v1/encode's can be hundreds of MB) never stalls the
+# others, /health or a shutdown.
+INLINE_ANSWER_VALUES = 65_536
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,9 @@ class ServerState:
         self.in_flight = 0  # requests received and not yet answered (the Door counts them)
         self.metrics.in_flight.set_function(lambda: self.in_flight)
         self.names = {pipeline.name, pipeline.name.rstrip("/").rsplit("/", 1)[-1]}
+        # Large requests are tokenized in threads, one at a time: a 16 MB body of words takes ~30 s
+        # and ~3 GB to tokenize, and forty of them at once (Starlette's threads) would not fit.
+        self.tokenizing = asyncio.Semaphore(TOKENIZING_AT_ONCE)
 
 
 def _error(err: ApiError) -> JSONResponse:
@@ -136,8 +147,6 @@ class Door:
         return None
 
 
-INLINE_TOKENIZE_CHARS = 4096  # requests up to this size are tokenized on the event loop (well under 1 ms)
-
 ENDPOINTS = ("/v1/embeddings", "/v1/encode", "/v1/models", "/health", "/metrics")
 
 
@@ -155,20 +164,28 @@ def create_app(pipeline: Pipeline, settings: ServeSettings | None = None) -> Sta
         if req.dimensions is not None:  # the first k values, normalised again
             vectors = vectors[:, :req.dimensions]
             vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-        data = [{"object": "embedding", "index": i, "embedding": vector_payload(v, req.encoding_format),
-                 "truncated": e.truncated, "n_tokens": len(e.ids)}
-                for i, (v, e) in enumerate(zip(vectors, job.encoded))]
-        return _json({"object": "list", "data": data, "model": pipeline.name, "usage": _usage(job)})
+
+        def answer() -> dict:
+            data = [{"object": "embedding", "index": i, "embedding": vector_payload(v, req.encoding_format),
+                     "truncated": e.truncated, "n_tokens": len(e.ids)}
+                    for i, (v, e) in enumerate(zip(vectors, job.encoded))]
+            return {"object": "list", "data": data, "model": pipeline.name, "usage": _usage(job)}
+
+        return await _answer(answer, vectors.size)
 
     async def encode(request: Request) -> Response:
         req = parse(EncodeRequest, await read_json(request, state.settings.max_request_bytes))
         job = await _submit(state, request, req, "encode")
         results: list[TokenVectors] = await _wait(state, request, job)
-        data = [{"object": "token_vectors", "index": i, "text": r.text, "tokens": r.tokens, "ids": r.ids,
-                 "special": r.special, "truncated": r.truncated, "n_tokens_full": r.n_tokens_full,
-                 "shape": list(r.vectors.shape), "vectors": _matrix(r.vectors, req.encoding_format)}
-                for i, r in enumerate(results)]
-        return _json({"object": "list", "data": data, "model": pipeline.name, "usage": _usage(job)})
+
+        def answer() -> dict:
+            data = [{"object": "token_vectors", "index": i, "text": r.text, "tokens": r.tokens, "ids": r.ids,
+                     "special": r.special, "truncated": r.truncated, "n_tokens_full": r.n_tokens_full,
+                     "shape": list(r.vectors.shape), "vectors": _matrix(r.vectors, req.encoding_format)}
+                    for i, r in enumerate(results)]
+            return {"object": "list", "data": data, "model": pipeline.name, "usage": _usage(job)}
+
+        return await _answer(answer, sum(r.vectors.size for r in results))
 
     async def models(request: Request) -> Response:
         return _json({"object": "list", "data": [{
@@ -225,7 +242,8 @@ async def _submit(state: ServerState, request: Request, req: TextsRequest, kind:
     if sum(map(len, texts)) <= INLINE_TOKENIZE_CHARS:  # a thread hand-off costs more than the work
         encoded = tokenize(texts)
     else:
-        encoded = await run_in_threadpool(tokenize, texts)
+        async with state.tokenizing:
+            encoded = await run_in_threadpool(tokenize, texts)
     if not req.truncate:
         for i, e in enumerate(encoded):
             if e.truncated:
@@ -276,6 +294,13 @@ def _usage(job: Job) -> dict[str, int]:
 
 def _matrix(vectors: np.ndarray, encoding: str) -> list[list[float]] | str:
     return vector_payload(vectors.reshape(-1), encoding) if encoding == "base64" else vectors.tolist()
+
+
+async def _answer(payload: Callable[[], dict], values: int) -> Response:
+    """The JSON answer ``payload()`` of ``values`` numbers: on the event loop if small, else in a thread."""
+    if values <= INLINE_ANSWER_VALUES:
+        return _json(payload())
+    return await run_in_threadpool(lambda: _json(payload()))
 
 
 def _json(payload: dict) -> Response:

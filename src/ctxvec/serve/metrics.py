@@ -33,8 +33,8 @@ class Metrics:
                                        buckets=PADDING_BUCKETS, registry=r)
         self.tokens = Counter("ctxvec_tokens", "Real tokens run through the model (rate(): tokens/s).",
                               registry=r)
-        self.busy = Counter("ctxvec_worker_busy_seconds", "Seconds the inference worker computed (rate(): "
-                            "its utilisation, 1 = never idle).", registry=r)
+        self.busy = Counter("ctxvec_worker_busy_seconds", "Seconds the inference streams computed, added up "
+                            "(rate(): streams busy on average, up to the number of streams, --streams).", registry=r)
         self.tokens_per_second = Gauge("ctxvec_tokens_per_second", "Throughput of the worker's last forward pass.",
                                        registry=r)
         self.dropped = Counter("ctxvec_dropped_texts", "Texts never computed because their request gave "
