@@ -339,6 +339,16 @@ def test_sigterm_finishes_every_request_in_flight_and_exits_0(tiny_model):
         assert np.abs(got - pipeline.embed(texts[i:i + 3] * 40)).max() < 1e-6
 
 
+def test_a_request_path_cannot_forge_a_log_line(tiny_model):
+    with running_server(str(tiny_model)) as (url, proc):
+        assert httpx.get(f"{url}/nothing%0AGET%20/forged%20200").status_code == 404
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        log = proc.stderr.read()
+    assert "/nothing%0AGET%20/forged%20200 404" in log  # logged as sent, on its one line
+    assert not [line for line in log.splitlines() if line.startswith("GET /forged")]
+
+
 def test_a_port_in_use_is_one_line(tiny_model):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))

@@ -132,7 +132,10 @@ class Door:
             endpoint = path if path in ENDPOINTS else "other"
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.state.metrics.latency.labels(endpoint).observe(seconds)
-            log.info("%s %s %d %.1f ms", scope["method"], path, status[0], 1000 * seconds)
+            # the path as sent (still percent-encoded): a decoded %0A could forge a log line
+            raw = scope.get("raw_path") or path.encode()
+            log.info("%s %s %d %.1f ms", scope["method"], raw.decode("ascii", "backslashreplace"), status[0],
+                     1000 * seconds)
 
     def _refusal(self, scope) -> ApiError | None:
         key = self.state.settings.api_key
@@ -272,6 +275,9 @@ async def _wait(state: ServerState, request: Request, job: Job) -> list:
     finally:
         gone.cancel()
     if result in done:
+        if result.cancelled():  # the worker stopped (a shutdown past its drain time) before the texts ran
+            raise ApiError(503, "the server is shutting down; send the request to another replica.",
+                           type="server_error", code="shutting_down")
         return result.result()
     if gone in done:
         state.worker.cancel(job, "disconnected")
