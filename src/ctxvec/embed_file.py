@@ -94,8 +94,8 @@ class EmbedInterrupted(Exception):
             message = (f"interrupted before this process's first chunk of {total} texts was done; the other "
                        "processes' finished chunks are kept: run the same command with --resume to continue.")
         else:
-            message = f"interrupted before the first chunk of {total} texts was done; nothing was kept: " \
-                      "run the command again."
+            message = (f"interrupted before the first chunk of {total} texts was done; nothing was kept: "
+                       "run the command again.")
         super().__init__(message)
         self.done, self.total = done, total
 
@@ -389,9 +389,8 @@ class _Job:
             else:
                 self.job.close()
             return False
-        saved = self.job.progress.exists()  # this process has a chunk done: there is something to resume
-        # and the shared file stays while any process has chunks in it (process 0 with none of its own too)
-        kept = saved or self.job.any_saved()
+        saved = self.job.progress.exists()  # this process has a chunk done
+        kept = self.job.any_saved()  # the shared file stays while any process has chunks in it (its own or not)
         if kept and (kind is KeyboardInterrupt or isinstance(error, (OutputError, PeerStopped))):
             self.job.close()  # the finished chunks stay, for --resume (once there is room)
         else:

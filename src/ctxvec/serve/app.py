@@ -133,7 +133,7 @@ class Door:
             self.state.metrics.requests.labels(endpoint, str(status[0])).inc()
             self.state.metrics.latency.labels(endpoint).observe(seconds)
             # the path as sent (still percent-encoded): a decoded %0A could forge a log line
-            raw = scope.get("raw_path") or path.encode()
+            raw = scope.get("raw_path") or path.encode("unicode_escape")
             log.info("%s %s %d %.1f ms", scope["method"], raw.decode("ascii", "backslashreplace"), status[0],
                      1000 * seconds)
 
