@@ -172,8 +172,8 @@ def test_a_calls_repacked_weights_are_freed_before_the_heap_is_trimmed(monkeypat
         return weights
 
     monkeypatch.setattr(pipeline_module, "repack_weights", repack)
-    monkeypatch.setattr(pipeline_module, "release_memory",
-                        lambda: alive_at_trim.append(sum(ref() is not None for ref in copies)))
+    monkeypatch.setattr(pipeline_module, "release_memory", lambda min_interval: alive_at_trim.append(
+        (sum(ref() is not None for ref in copies), min_interval)))
     pipeline, texts = _tiny_pipeline(), _texts(200, seed=3)
     pipeline.streams = streams
     batches = pipeline.sentence_vector_batches(pipeline.tokenizer.tokenize(texts), 64)
@@ -182,4 +182,18 @@ def test_a_calls_repacked_weights_are_freed_before_the_heap_is_trimmed(monkeypat
         batches.close()
     else:
         assert sum(len(indices) for indices, _ in batches) == len(texts)
-    assert copies and alive_at_trim == [0]
+    assert copies and alive_at_trim == [(0, 0.0)]  # trimmed at once, whenever the last trim was
+
+
+@pytest.mark.parametrize("texts, interval", [(1, "TRIM_INTERVAL"), (200, 0.0)], ids=["one text", "a long call"])
+def test_short_calls_trim_the_heap_at_most_once_an_interval(monkeypatch, texts, interval):
+    """A trim costs ~1.5 ms: a call of one or two batches (no weight copies freed) asks for one
+    only if the last was TRIM_INTERVAL ago; a call that freed its copies trims whatever the time."""
+    import ctxvec.pipeline as pipeline_module
+
+    asked = []
+    monkeypatch.setattr(pipeline_module, "release_memory", asked.append)
+    pipeline = _tiny_pipeline()
+    pipeline.embed(_texts(texts, seed=4), batch_tokens=64)
+    want = pipeline_module.TRIM_INTERVAL if interval == "TRIM_INTERVAL" else interval
+    assert asked == [want] and pipeline_module.TRIM_INTERVAL > 0

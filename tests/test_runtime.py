@@ -26,9 +26,15 @@ def test_precisions():
     assert isinstance(native_bf16(), bool)
 
 
-def test_release_memory_is_safe_to_call():
-    release_memory()
-    release_memory()
+def test_release_memory_trims_unless_it_did_within_min_interval():
+    from ctxvec.engine.runtime import _libc
+
+    if _libc() is None:
+        assert release_memory() is False  # not glibc: nothing to trim
+        return
+    assert release_memory() is True
+    assert release_memory(min_interval=3600.0) is False  # trimmed a moment ago
+    assert release_memory() is True
 
 
 # ---- the linear route (oneDNN at inference on CPUs, F.linear elsewhere) ---------------------

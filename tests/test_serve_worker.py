@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import random
 import threading
+import time
 
 import numpy as np
 import pytest
 import torch
 
 import ctxvec
+import ctxvec.serve.worker as worker_module
 from ctxvec.engine.batching import LENGTH_MULTIPLE
 from ctxvec.serve.worker import InferenceWorker, QueueFull, TooBig, WorkerEvents, batch_around_oldest
 
@@ -147,8 +149,11 @@ def test_a_cancelled_job_is_never_computed_and_a_started_one_is_let_go(tiny):
     assert events.open[-1] == (0, 0)
 
 
-def test_under_load_streams_compute_batches_side_by_side_on_their_share_of_the_threads(tiny, two_threads):
-    """A batch alone gets every thread; beside another stream's, its share (one of two)."""
+def test_under_load_streams_compute_batches_side_by_side_on_their_share_of_the_threads(tiny, two_threads,
+                                                                                       monkeypatch):
+    """Beside another stream's batch, a batch gets its share (one of two threads); a lone request
+    right after still does (load comes in waves); once SIDE_BY_SIDE_MEMORY has passed, a lone
+    one gets every thread, in the lead stream."""
     events, seen = Recorder(), []
     events.on_batch = lambda shape: seen.append((threading.current_thread().name, torch.get_num_threads()))
     worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6, events=events)
@@ -158,15 +163,54 @@ def test_under_load_streams_compute_batches_side_by_side_on_their_share_of_the_t
     worker.start()
     try:
         got = np.stack(job.future.result(timeout=60))
-        alone = worker.submit("embed", ["after"], tiny.tokenizer.tokenize(["after"]))
-        alone.future.result(timeout=60)
+        worker.submit("embed", ["right after"], tiny.tokenizer.tokenize(["right after"])).future.result(timeout=60)
+        right_after = seen[-1]
+        monkeypatch.setattr(worker_module, "SIDE_BY_SIDE_MEMORY", 0.0)
+        worker.submit("embed", ["alone"], tiny.tokenizer.tokenize(["alone"])).future.result(timeout=60)
     finally:
         worker.stop()
     assert np.abs(got - tiny.embed(texts)).max() < 1e-6
     assert {name for name, _ in seen} == {"ctxvec-inference-0", "ctxvec-inference-1"}
     assert 1 in {threads for _, threads in seen}  # side by side
-    assert seen[-1][1] == 2  # the last request came alone: all the threads
+    assert right_after[1] == 1
+    assert seen[-1] == ("ctxvec-inference-0", 2)  # alone: all the threads, in the lead stream
+    assert {name for name, threads in seen if threads > 1} == {"ctxvec-inference-0"}  # only the lead has a team
     assert events.open[-1] == (0, 0) and not worker.alive
+
+
+def test_lone_requests_go_to_the_lead_stream_on_every_thread(tiny, two_threads):
+    """One request at a time: each is computed by the lead stream on all the threads (only one
+    thread of the process keeps a team of OpenMP threads: see the worker's docstring)."""
+    events, seen = Recorder(), []
+    events.on_batch = lambda shape: seen.append((threading.current_thread().name, torch.get_num_threads()))
+    worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6, events=events).start()
+    try:
+        for i in range(8):
+            texts = [f"request {i}"]
+            got = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts)).future.result(timeout=60)
+            assert np.abs(np.stack(got) - tiny.embed(texts)).max() < 1e-6
+    finally:
+        worker.stop()
+    assert seen == [("ctxvec-inference-0", 2)] * 8
+
+
+def test_an_idle_worker_gives_memory_back_after_a_while_not_after_every_request(tiny, monkeypatch):
+    trims = []
+    monkeypatch.setattr(worker_module, "release_memory", lambda: trims.append(time.monotonic()))
+    monkeypatch.setattr(worker_module, "IDLE_TRIM_AFTER", 0.5)
+    worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6).start()
+    try:
+        deadline = time.monotonic() + 10
+        while not trims and time.monotonic() < deadline:  # the first idle spell, from the start
+            time.sleep(0.01)
+        assert len(trims) == 1
+        worker.submit("embed", ["one"], tiny.tokenizer.tokenize(["one"])).future.result(timeout=60)
+        answered = time.monotonic()
+        while len(trims) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        worker.stop()
+    assert len(trims) == 2 and trims[1] - answered >= 0.4  # after half a second idle, not at once
 
 
 @pytest.mark.parametrize("bad", [0, -1, 1.5, "2"])

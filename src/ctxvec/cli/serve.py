@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import click
 
 from ctxvec.cli.app import load_pipeline, main
 from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
-from ctxvec.engine.runtime import PRECISIONS
+from ctxvec.engine.runtime import PRECISIONS, set_threads
 
 WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokenizer"]
 
@@ -53,9 +54,17 @@ def serve(model: str, host: str, port: int, precision: str, threads: int | None,
     settings = ServeSettings(batch_tokens=batch_tokens, max_queue_tokens=max_queue_tokens, max_inputs=max_inputs,
                              max_request_bytes=max_request_bytes, timeout=timeout, api_key=api_key,
                              streams=streams)
-    pipeline = load_pipeline(model, precision, threads)
-    pipeline.keep_repacked_weights()  # the weights never change while serving
-    pipeline.embed(WARM_UP, batch_tokens=batch_tokens)  # first-call costs before the first request
+    def prepare():
+        pipeline = load_pipeline(model, precision, threads)
+        pipeline.keep_repacked_weights()  # the weights never change while serving
+        pipeline.embed(WARM_UP, batch_tokens=batch_tokens)  # first-call costs before the first request
+        return pipeline
+
+    # In a thread that ends with its OpenMP threads: the worker's lead stream must be the only
+    # thread with a team of them (see ctxvec.serve.worker), and this one serves HTTP.
+    set_threads(threads)  # the count the worker reads
+    with ThreadPoolExecutor(1, thread_name_prefix="ctxvec-load") as loader:
+        pipeline = loader.submit(prepare).result()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s"))
     server_log = logging.getLogger("ctxvec.serve")

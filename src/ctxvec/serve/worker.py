@@ -10,14 +10,23 @@ answered, in its own order, as soon as its last text is done. The worker wakes a
 arrives: a request never waits for a full batch when the worker is idle.
 
 The worker computes in streams (as ``engine.streams`` does for a long call): one thread per
-stream, each taking the next batch from the pool as it is free. A batch that finds the other
-streams idle runs on all the CPU threads (one request alone gets the whole machine); under load,
-each stream runs its batch on its share of them, side by side, so that the forward passes'
-many small steps do not each wait for every thread (and for the cores the HTTP side takes).
+stream, each taking the next batch from the pool as it is free. Under load each stream runs its
+batch on its share of the CPU threads, side by side, so that the forward passes' many small
+steps do not each wait for every thread (and for the cores the HTTP side takes). A batch that
+finds the other streams idle (and none ran side by side in the last ``SIDE_BY_SIDE_MEMORY``)
+runs on all the threads (one request alone gets the whole machine), but only in the lead
+stream, which is woken first whenever it is idle: it is the one thread that ever runs kernels
+on several OpenMP threads. GNU OpenMP, which PyTorch runs on,
+stops spinning between parallel steps while a second team of its threads is alive, even an idle
+one, and each step then waits for its threads to wake: a single text took 2.5x as long on 2
+threads (16.5 against 6.2 ms, bf16, AMX Xeon; ``ctxvec serve`` loads the model in a thread
+that ends, so that the lead stream's team is the only one).
 
 The queue is bounded in tokens (texts not yet computed): ``submit`` refuses a job that would
 overflow it (the server answers 429). A job whose request gave up (timeout, client gone) is
-cancelled: its texts not yet computed are dropped.
+cancelled: its texts not yet computed are dropped. Freed memory goes back to the system once the
+worker has been idle for ``IDLE_TRIM_AFTER`` (trimming after every lone request cost it ~1.5 ms)
+and every ``TRIM_EVERY`` under constant load.
 """
 
 from __future__ import annotations
@@ -43,7 +52,9 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["embed", "encode"]
 POOL_WINDOW = 4096  # the oldest texts a batch is chosen from (a full pool would cost a sort per batch)
-TRIM_EVERY = 10.0  # seconds between giving freed memory back under constant load (and on going idle)
+TRIM_EVERY = 10.0  # seconds between giving freed memory back under constant load
+IDLE_TRIM_AFTER = 1.0  # seconds idle before freed memory goes back
+SIDE_BY_SIDE_MEMORY = 1.0  # seconds after batches last ran side by side that a lone one still takes its share
 
 
 class TooBig(Exception):
@@ -147,14 +158,18 @@ class InferenceWorker:
         self._pool: list[Pending] = []  # in arrival order; batches leave it as a stream takes them
         self._open_texts = 0  # texts not computed yet: queued, pooled or being computed
         self._open_tokens = 0
-        self._wake = threading.Condition()  # guards all of the above and the jobs' counts
+        lock = threading.Lock()  # guards all of the above and the jobs' counts
+        self._wake = threading.Condition(lock)  # the streams but the lead wait on it
+        self._wake_lead = threading.Condition(lock)  # the lead stream waits on this one
+        self._lead_idle = False  # the lead waits, and nobody has called it yet
+        self._side_by_side_at = float("-inf")  # when batches last ran (or were about to run) side by side
         self._stop = False
         self._busy = 0  # streams computing a batch
         self._running = 0  # streams not yet ended
         self._tokens_per_second = 0.0
         self._trimmed_at: float | None = time.monotonic()
-        self._threads = [threading.Thread(target=self._run, name=f"ctxvec-inference-{i}", daemon=True)
-                         for i in range(self.streams)]
+        self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"ctxvec-inference-{i}",
+                                          daemon=True) for i in range(self.streams)]
 
     def start(self) -> InferenceWorker:
         self._running = len(self._threads)
@@ -167,6 +182,7 @@ class InferenceWorker:
         with self._wake:
             self._stop = True
             self._wake.notify_all()
+            self._wake_lead.notify_all()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -184,7 +200,7 @@ class InferenceWorker:
                 raise QueueFull(self._open_tokens, self._retry_after())
             self._queue.append(job)
             self._count(len(job.texts), job.tokens)
-            self._wake.notify()
+            self._call_a_stream()
         return job
 
     def cancel(self, job: Job, reason: str) -> None:
@@ -214,15 +230,15 @@ class InferenceWorker:
         """Every stream's thread runs (``/health`` says 503 otherwise)."""
         return all(thread.is_alive() for thread in self._threads)
 
-    def _run(self) -> None:
+    def _run(self, lead: bool) -> None:
         """One stream: take a batch, compute it, answer the jobs it finishes; until stopped."""
         while True:
             with self._wake:
-                batch = self._take_batch()
+                batch = self._take_batch(lead)
                 if batch is None:
                     break
-                if batch:  # alone: all the threads; beside other streams: its share
-                    threads = self.threads if self._busy == 0 else self._threads_each
+                if batch:
+                    threads = self._threads_for(lead)
                     self._busy += 1
             if not batch:  # idle: freed memory back to the system, outside the lock
                 release_memory()
@@ -242,9 +258,23 @@ class InferenceWorker:
                     job.future.cancel()
                 self._queue.clear()
 
-    def _take_batch(self) -> list[Pending] | None:
+    def _threads_for(self, lead: bool) -> int:
+        """(With the lock held, a batch just taken.) All the threads for the lead stream when the
+        batch is all there is to do and no batches ran side by side lately (a lone request);
+        else the stream's share (under load: a team of threads spinning beside the other streams
+        would take the cores they and the HTTP side need)."""
+        now = time.monotonic()
+        if self._busy > 0 or self._pool:
+            self._side_by_side_at = now
+        elif lead and now - self._side_by_side_at > SIDE_BY_SIDE_MEMORY:
+            return self.threads
+        return self._threads_each
+
+    def _take_batch(self, lead: bool) -> list[Pending] | None:
         """(With the lock held.) The next batch, taken out of the pool, waiting while there is
-        nothing to do; [] once per idle spell (time to give memory back); None when stopping."""
+        nothing to do; [] once per idle spell, after ``IDLE_TRIM_AFTER`` (time to give memory
+        back); None when stopping."""
+        idle_since = None
         while not self._stop:
             while self._queue:  # arrivals join the pool
                 job = self._queue.popleft()
@@ -256,13 +286,30 @@ class InferenceWorker:
                 taken = set(map(id, batch))
                 self._pool = [p for p in self._pool if id(p) not in taken]
                 if self._pool:
-                    self._wake.notify()  # another stream may take the next batch
+                    self._call_a_stream()  # another stream may take the next batch
                 return batch
+            timeout = None
             if self._busy == 0 and self._trimmed_at is not None:
-                self._trimmed_at = None
-                return []
-            self._wake.wait()
+                idle_since = time.monotonic() if idle_since is None else idle_since
+                timeout = idle_since + IDLE_TRIM_AFTER - time.monotonic()
+                if timeout <= 0:
+                    self._trimmed_at = None
+                    return []
+            if lead:
+                self._lead_idle = True
+                self._wake_lead.wait(timeout)
+                self._lead_idle = False
+            else:
+                self._wake.wait(timeout)
         return None
+
+    def _call_a_stream(self) -> None:
+        """(With the lock held.) Wake a waiting stream for the work in hand: the lead if it waits."""
+        if self._lead_idle:
+            self._lead_idle = False  # called: the next call goes to another stream
+            self._wake_lead.notify()
+        else:
+            self._wake.notify()
 
     def _drop_abandoned(self) -> None:
         gone = {p.job for p in self._pool if p.job.abandoned}  # read once: cancel() may mark more meanwhile
