@@ -54,11 +54,8 @@ class Recorder(WorkerEvents):
 
 
 @pytest.fixture
-def two_threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
+def two_threads(intra_op_threads):
+    intra_op_threads(2)
 
 
 @pytest.mark.parametrize("streams", [1, 2, None])
@@ -196,7 +193,11 @@ def test_lone_requests_go_to_the_lead_stream_on_every_thread(tiny, two_threads):
 
 def test_an_idle_worker_gives_memory_back_after_a_while_not_after_every_request(tiny, monkeypatch):
     trims = []
-    monkeypatch.setattr(worker_module, "release_memory", lambda: trims.append(time.monotonic()))
+    def release_memory(min_interval: float = 0.0) -> None:  # the idle trims (under load: at most every TRIM_EVERY)
+        if min_interval == 0.0:
+            trims.append(time.monotonic())
+
+    monkeypatch.setattr(worker_module, "release_memory", release_memory)
     monkeypatch.setattr(worker_module, "IDLE_TRIM_AFTER", 0.5)
     worker = InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=10**6).start()
     try:

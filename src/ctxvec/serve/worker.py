@@ -167,7 +167,7 @@ class InferenceWorker:
         self._busy = 0  # streams computing a batch
         self._running = 0  # streams not yet ended
         self._tokens_per_second = 0.0
-        self._trimmed_at: float | None = time.monotonic()
+        self._untrimmed = True  # batches ran since memory was last given back
         self._threads = [threading.Thread(target=self._run, args=(i == 0,), name=f"ctxvec-inference-{i}",
                                           daemon=True) for i in range(self.streams)]
 
@@ -289,11 +289,11 @@ class InferenceWorker:
                     self._call_a_stream()  # another stream may take the next batch
                 return batch
             timeout = None
-            if self._busy == 0 and self._trimmed_at is not None:
+            if self._busy == 0 and self._untrimmed:
                 idle_since = time.monotonic() if idle_since is None else idle_since
                 timeout = idle_since + IDLE_TRIM_AFTER - time.monotonic()
                 if timeout <= 0:
-                    self._trimmed_at = None
+                    self._untrimmed = False
                     return []
             if lead:
                 self._lead_idle = True
@@ -366,7 +366,6 @@ class InferenceWorker:
     def _finish(self, batch: list[Pending], results: list | None, err: BaseException | None = None) -> None:
         """The batch's texts leave the count; every job it finishes is answered (``err``: every
         job in it fails)."""
-        now = time.monotonic()
         with self._wake:
             self._busy -= 1
             self._count(-len(batch), -sum(p.length for p in batch))
@@ -379,11 +378,8 @@ class InferenceWorker:
             for job in {p.job for p in batch}:
                 if job.left == 0 and not job.abandoned and not job.future.done():
                     job.future.set_result(job.results)
-            trim = self._trimmed_at is not None and now - self._trimmed_at > TRIM_EVERY
-            if self._trimmed_at is None or trim:
-                self._trimmed_at = now
-        if trim:  # under constant load, now and then
-            release_memory()
+            self._untrimmed = True
+        release_memory(TRIM_EVERY)  # under constant load, now and then
 
     def _fail(self, jobs: set[Job], err: BaseException) -> None:
         """(With the lock held.) Every job of ``jobs`` gets ``err``; its texts leave the pool."""
