@@ -23,6 +23,20 @@ def tiny_config(**changes) -> EncoderConfig:
     return EncoderConfig(**base)
 
 
+@pytest.fixture
+def intra_op_threads():
+    """``intra_op_threads(n)`` puts the test's thread on n intra-op threads (and returns n); the
+    count it had is put back after the test."""
+    before = torch.get_num_threads()
+
+    def use(n: int) -> int:
+        torch.set_num_threads(n)
+        return n
+
+    yield use
+    torch.set_num_threads(before)
+
+
 def threads_of_a_new_thread() -> int:
     """The intra-op thread count a thread started now gets: OpenMP's count is per thread, so a
     caller's own count cannot tell whether code that ran threads put the process default back."""

@@ -132,22 +132,18 @@ def test_a_texts_vector_depends_on_its_batch_within_the_stated_bound(precision):
 
 
 @pytest.mark.parametrize("streams", [1, 2, None])
-def test_streams_change_no_vector_and_keep_the_callers_threads(streams):
+def test_streams_change_no_vector_and_keep_the_callers_threads(streams, intra_op_threads):
     """Batches side by side (engine.streams) run the same batches: the same fp32 vectors."""
     pipeline, texts = _tiny_pipeline(), _texts(200, seed=2)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        pipeline.streams = 1  # the reference: one batch at a time
-        reference = pipeline.embed(texts, batch_tokens=128)
-        reference_tokens = pipeline.encode(texts[:50], batch_tokens=64)
-        pipeline.streams = streams
-        shapes = []
-        vectors = pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), 128, shapes.append).vectors
-        tokens = pipeline.encode(texts[:50], batch_tokens=64)
-        assert torch.get_num_threads() == 2 and threads_of_a_new_thread() == 2
-    finally:
-        torch.set_num_threads(before)
+    intra_op_threads(2)
+    pipeline.streams = 1  # the reference: one batch at a time
+    reference = pipeline.embed(texts, batch_tokens=128)
+    reference_tokens = pipeline.encode(texts[:50], batch_tokens=64)
+    pipeline.streams = streams
+    shapes = []
+    vectors = pipeline.sentence_vectors(pipeline.tokenizer.tokenize(texts), 128, shapes.append).vectors
+    tokens = pipeline.encode(texts[:50], batch_tokens=64)
+    assert torch.get_num_threads() == 2 and threads_of_a_new_thread() == 2
     assert np.array_equal(vectors, reference)
     assert [t.tokens for t in tokens] == [t.tokens for t in reference_tokens]
     assert all(np.array_equal(a.vectors, b.vectors) for a, b in zip(tokens, reference_tokens))

@@ -8,12 +8,9 @@ from ctxvec.engine.streams import StreamPlan, plan_streams, run_in_streams
 
 
 @pytest.fixture
-def three_threads():
+def three_threads(intra_op_threads):
     """The caller on 3 intra-op threads: a count no plan below gives its streams."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(3)
-    yield 3
-    torch.set_num_threads(before)
+    return intra_op_threads(3)
 
 
 @pytest.mark.parametrize("batches, threads, streams, plan", [
