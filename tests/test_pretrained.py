@@ -77,7 +77,7 @@ def test_token_vectors_equal_bert_model(folder, pipeline):
     ref = BertModel.from_pretrained(str(folder)).eval()
     ours = pipeline.encode(TEXTS)
     worst = 0.0
-    for text, result in zip(TEXTS, ours):
+    for result in ours:
         ids = torch.tensor([result.ids])
         with torch.inference_mode():
             expected = ref(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state[0]

@@ -45,7 +45,7 @@ from torch.nn import functional as F  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ctxvec.engine.linear import (  # noqa: E402
-    ONEDNN_ROW_MULTIPLE, linear, onednn_rows, packed_row_multiple, repack_weights)
+    ONEDNN_ROW_MULTIPLE, linear, linear_add, onednn_rows, packed_row_multiple, repack_weights)
 
 ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
@@ -68,6 +68,54 @@ def test_linear_equals_f_linear_at_inference(dtype, activation, rows):
     assert got.dtype == dtype and got.shape == (rows, 80)
     tol = 1e-5 if dtype == torch.float32 else 3e-2 * expected.abs().max().item()
     assert (got.double() - expected).abs().max().item() < tol
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("repacked", [False, True], ids=["weight", "repacked"])
+@pytest.mark.parametrize("rows", [ONEDNN_ROW_MULTIPLE * 3, ONEDNN_ROW_MULTIPLE * 3 - 5], ids=["bucketed", "other"])
+def test_linear_add_equals_the_residual_plus_the_linear(dtype, repacked, rows):
+    """fp32: within rounding of the float64 sum. bf16: where oneDNN runs (bucketed rows) the add
+    is fused and the sum rounded once, so every value is within one rounding of it (2^-8
+    relative, with room for the fp32 accumulation; the unfused add misses that for hundreds of
+    these values); elsewhere the product and then the sum are rounded."""
+    torch.manual_seed(0)
+    layer = nn.Linear(48, 80).to(dtype)
+    x, residual = torch.randn(rows, 48).to(dtype), (4 * torch.randn(rows, 80)).to(dtype)
+    with torch.inference_mode():
+        got = linear_add(x, layer, residual, repack_weights(layer) if repacked else None)
+    expected = residual.double() + _reference(x, layer, None)
+    assert got.dtype == dtype and got.shape == (rows, 80)
+    if dtype == torch.float32:
+        assert (got.double() - expected).abs().max().item() < 1e-5
+    elif onednn_rows(x, layer.weight) > 1 and rows % ONEDNN_ROW_MULTIPLE == 0:
+        assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-4).all()
+    else:
+        assert (got.double() - expected).abs().max().item() < 3e-2 * expected.abs().max().item()
+
+
+@pytest.mark.parametrize("training", [False, True], ids=["inference", "training"])
+def test_the_engine_fuses_each_sublayers_residual_add_only_at_inference(training, monkeypatch):
+    """At CPU inference every sub-layer's last projection adds the residual in oneDNN's kernel (2
+    per encoder layer); in training the plain add after the dropout. Same output either way."""
+    from conftest import tiny_config
+    from ctxvec import Encoder
+    import ctxvec.engine.route as route_module
+
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this PyTorch build")
+    torch.manual_seed(0)
+    encoder = Encoder(tiny_config(dropout=0.0)).train(training)
+    ids = torch.randint(5, encoder.config.vocab_size, (3, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
+    fused = []
+    monkeypatch.setattr(route_module, "linear_add", lambda *a: fused.append(a) or linear_add(*a))
+    with torch.inference_mode(not training):
+        out = encoder(ids, mask).last_hidden_state
+    assert len(fused) == (0 if training else 2 * encoder.config.n_layers)
+    monkeypatch.setattr(route_module.FastRoute, "residual_linear", route_module.Route.residual_linear)
+    with torch.inference_mode(not training):
+        plain = encoder(ids, mask).last_hidden_state
+    assert (out - plain).abs().max().item() < 1e-5
 
 
 def test_onednn_route_only_at_inference_on_cpu():

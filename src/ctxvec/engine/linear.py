@@ -98,6 +98,21 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
     return ACTIVATIONS[activation](y) if activation is not None else y
 
 
+def linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor,
+               weights: dict[nn.Module, torch.Tensor] | None = None) -> torch.Tensor:
+    """``residual + layer(x)``, the add fused into the oneDNN linear (a binary post-op) where
+    ``linear`` would take oneDNN: one pass over the output instead of two, and in bf16 one
+    rounding instead of two (the sum is rounded once, not the product and then the sum).
+    Elsewhere: ``residual + linear(x, layer)``. x (R, C), residual (R, layer.out_features).
+    """
+    if (bucketed(x) and onednn_rows(x, layer.weight) > 1 and residual.dtype == x.dtype
+            and residual.shape == (x.shape[0], layer.out_features)):
+        weight = weights.get(layer) if weights else None
+        return torch.ops.mkldnn._linear_pointwise.binary(
+            x.contiguous(), residual.contiguous(), layer.weight if weight is None else weight, layer.bias, "add")
+    return residual + linear(x, layer, None, weights)
+
+
 def bucketed(x: torch.Tensor) -> bool:
     """Whether ``x`` is (R, C) rows in one of oneDNN's buckets (R a multiple of the row multiple)."""
     return x.dim() == 2 and x.shape[0] % ONEDNN_ROW_MULTIPLE == 0

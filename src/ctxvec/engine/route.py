@@ -9,8 +9,8 @@ settles, with the reason, how the pass runs:
   per shape), so that every per-token step skips padding; attention unpacks them per head.
   ``FastRoute`` keeps the padded layout (nothing to skip, a decoder's cached steps, a module
   called on its own).
-- the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), else
-  ``F.linear`` (training, autocast, GPUs, other dtypes).
+- the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), its activation
+  and a sub-layer's residual add fused in, else ``F.linear`` (training, autocast, GPUs, other dtypes).
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention.
 """
@@ -22,7 +22,7 @@ from torch import nn
 
 from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, fast_attention
 import ctxvec.engine.linear as linear_kernels
-from ctxvec.engine.linear import linear, onednn_dtype
+from ctxvec.engine.linear import linear, linear_add, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.model.route import Route
 
@@ -41,6 +41,12 @@ class FastRoute(Route):
         if self.onednn:  # (linear still takes F.linear for a shape outside the buckets)
             return linear(x, layer, activation, self.weights)
         return super().linear(x, layer, activation)
+
+    def residual_linear(self, x: torch.Tensor, layer: nn.Linear, dropout: nn.Module,
+                        residual: torch.Tensor | None) -> torch.Tensor:
+        if self.onednn and residual is not None and not (dropout.training and dropout.p > 0):
+            return linear_add(x, layer, residual, self.weights)  # the add fused into oneDNN's kernel
+        return super().residual_linear(x, layer, dropout, residual)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                dropout: nn.Module) -> torch.Tensor:

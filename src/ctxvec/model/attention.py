@@ -3,7 +3,7 @@
 Two layers, as in the Annotated Transformer and nanoGPT:
 - ``attention``: a pure function, softmax(Q·Kᵀ / √d) · V, returning output *and* probabilities;
 - ``MultiHeadSelfAttention``: 1) project to Q, K, V, 2) split into heads, 3) attend, 4) concat
-  the heads, 5) project. Step 3 is ``attention`` when the probabilities are asked for (the
+  the heads, 5) project (and add the residual stream, when given: the Add of Add & Norm). Step 3 is ``attention`` when the probabilities are asked for (the
   scores come with them, for the explain page), else the route's fused kernel: the same inputs,
   the same outputs (a test holds them equal).
 - ``MultiHeadCrossAttention``: the same steps with queries from the decoder and keys/values from
@@ -32,7 +32,8 @@ class AttentionOutput:
     """What one attention layer returns.
 
     Attributes:
-        output: (B, T, D), or the route's view of the tokens (or (M, D) for ``selected`` rows).
+        output: (B, T, D), or the route's view of the tokens (or (M, D) for ``selected`` rows);
+            with a ``residual``, the residual plus the (dropped-out) output.
         probabilities: (B, H, T, S) softmax over the keys, only when asked for.
         key_value: the keys and values attended to, 2 x (B, H, S, Dh): what a decoder caches.
         scores: (B, H, T, S) Q·Kᵀ / √Dh, -inf at masked keys, with the probabilities.
@@ -98,7 +99,8 @@ class MultiHeadSelfAttention(nn.Module):
 
     Q, K and V come from one fused (D -> 3D) projection: one larger matrix multiply instead of
     three, the same numbers (its weight is ``[W_q; W_k; W_v]`` stacked, as in PyTorch's
-    ``nn.MultiheadAttention.in_proj_weight``).
+    ``nn.MultiheadAttention.in_proj_weight``). ``attn_dropout`` drops attention probabilities;
+    ``out_dropout`` the output, before the residual add.
     """
 
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
@@ -109,18 +111,21 @@ class MultiHeadSelfAttention(nn.Module):
         self.qkv = nn.Linear(d_model, 3 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.attn_dropout = Dropout(dropout)
+        self.out_dropout = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None,
                 return_probabilities: bool = False, route: Route | None = None,
                 past_key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-                selected: torch.Tensor | None = None) -> AttentionOutput:
+                selected: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> AttentionOutput:
         """x: (B, T, D), or the ``route``'s view of them; key_mask: bool (B, 1, 1, T).
 
         ``past_key_value`` (a decoder's cache, 2 x (B, H, P, Dh)) is prepended to this call's keys
         and values, so T new tokens attend to P + T keys; key_mask is then (B, 1, T, P + T).
         ``selected`` (M,): only these rows (of ``x`` flattened to (-1, D)) go through the output
-        projection, which returns (M, D). Returns an output shaped like ``x`` (or (M, D)), with the
-        keys and values. ``route``: how to run (default: a module on its own, ``default_route``).
+        projection, which returns (M, D). ``residual`` (shaped like the output): the stream the
+        output is added to (the Add of Add & Norm). Returns an output shaped like ``x`` (or
+        (M, D)), with the keys and values. ``route``: how to run (default: a module on its own,
+        ``default_route``).
         """
         route = route or default_route(x, self)
         H = self.n_heads
@@ -138,8 +143,9 @@ class MultiHeadSelfAttention(nn.Module):
         concat = route.merge_heads(heads)  # (B, H, T, Dh) -> (B, T, H*Dh)
         if selected is not None:
             concat = concat.reshape(-1, concat.shape[-1]).index_select(0, selected)  # (M, D)
-        # 5) mix the heads with the output projection
-        return AttentionOutput(route.linear(concat, self.out), probabilities, (k, v), scores)
+        # 5) mix the heads with the output projection (+ the residual stream)
+        output = route.residual_linear(concat, self.out, self.out_dropout, residual)
+        return AttentionOutput(output, probabilities, (k, v), scores)
 
 
 class MultiHeadCrossAttention(nn.Module):
@@ -160,6 +166,7 @@ class MultiHeadCrossAttention(nn.Module):
         self.kv = nn.Linear(d_model, 2 * d_model)
         self.out = nn.Linear(d_model, d_model)
         self.attn_dropout = Dropout(dropout)
+        self.out_dropout = Dropout(dropout)
 
     def project_memory(self, memory: torch.Tensor, route: Route | None = None
                        ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -171,9 +178,10 @@ class MultiHeadCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
                 key_mask: torch.Tensor | None = None, return_probabilities: bool = False,
                 key_value: tuple[torch.Tensor, torch.Tensor] | None = None,
-                route: Route | None = None) -> AttentionOutput:
+                route: Route | None = None, residual: torch.Tensor | None = None) -> AttentionOutput:
         """x: (B, T, D) queries; memory: (B, S, D), or its ``key_value`` from ``project_memory``;
-        key_mask: bool (B, 1, 1, S), True = real source token. Returns (B, T, D)."""
+        key_mask: bool (B, 1, 1, S), True = real source token; ``residual`` (B, T, D): the stream
+        the output is added to. Returns (B, T, D)."""
         route = route or default_route(x, self)
         if key_value is None:
             if memory is None:
@@ -184,5 +192,6 @@ class MultiHeadCrossAttention(nn.Module):
         # 3) attend, per head, over the source tokens
         heads, scores, probabilities = attention_step(route, q, *key_value, key_mask, self.attn_dropout,
                                                      return_probabilities)
-        # 4) concat the heads back to D, 5) mix them with the output projection
-        return AttentionOutput(route.linear(route.merge_heads(heads), self.out), probabilities, key_value, scores)
+        # 4) concat the heads back to D, 5) mix them with the output projection (+ the residual)
+        output = route.residual_linear(route.merge_heads(heads), self.out, self.out_dropout, residual)
+        return AttentionOutput(output, probabilities, key_value, scores)

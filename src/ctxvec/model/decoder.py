@@ -28,11 +28,10 @@ from torch import nn
 
 from ctxvec.model.attention import MultiHeadCrossAttention, MultiHeadSelfAttention
 from ctxvec.model.config import EncoderConfig
-from ctxvec.model.dropout import Dropout
 from ctxvec.model.embedding import Embeddings
 from ctxvec.model.encoder import LayerStack, check_token_ids, init_weights
 from ctxvec.model.masks import causal_key_mask, check_attention_mask, key_mask_from
-from ctxvec.model.layer import FeedForward, add_norm, pre_norm
+from ctxvec.model.layer import FeedForward, post_norm, pre_norm
 from ctxvec.model.route import Route, choose_route, default_route
 
 log = logging.getLogger(__name__)
@@ -84,7 +83,8 @@ class DecoderLayer(nn.Module):
         x = LayerNorm(x + Dropout(CrossAttention(x, memory)))     # Add & Norm #2
         x = LayerNorm(x + Dropout(FeedForward(x)))                # Add & Norm #3
 
-    Pre-norm (``norm_first=True``) normalises each sub-layer's input instead.
+    Pre-norm (``norm_first=True``) normalises each sub-layer's input instead. Each sub-layer
+    applies its output's Dropout and adds x itself (``residual=``), as in ``EncoderLayer``.
     """
 
     def __init__(self, config: EncoderConfig) -> None:
@@ -92,13 +92,10 @@ class DecoderLayer(nn.Module):
         D, p = config.d_model, config.dropout
         self.norm_first = config.norm_first
         self.self_attention = MultiHeadSelfAttention(D, config.n_heads, p)
-        self.dropout1 = Dropout(p)
         self.norm1 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.cross_attention = MultiHeadCrossAttention(D, config.n_heads, p)
-        self.dropout2 = Dropout(p)
         self.norm2 = nn.LayerNorm(D, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(D, config.d_ff, p, config.activation)
-        self.dropout3 = Dropout(p)
         self.norm3 = nn.LayerNorm(D, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor, self_mask: torch.Tensor | None,
@@ -110,13 +107,14 @@ class DecoderLayer(nn.Module):
         nf = self.norm_first
         past = cache.self_key_value if cache is not None else None
         memory_kv = cache.memory_key_value if cache is not None else None
-        a = self.self_attention(pre_norm(x, self.norm1, nf), self_mask, return_attention, route, past)
-        x = add_norm(x, a.output, self.norm1, self.dropout1, nf)  # Add & Norm #1
+        a = self.self_attention(pre_norm(x, self.norm1, nf), self_mask, return_attention, route, past,
+                                residual=x)
+        x = post_norm(a.output, self.norm1, nf)  # Add & Norm #1
         c = self.cross_attention(pre_norm(x, self.norm2, nf), memory, memory_mask, return_attention,
-                                 memory_kv, route)
-        x = add_norm(x, c.output, self.norm2, self.dropout2, nf)  # Add & Norm #2
-        ffn = self.feed_forward(pre_norm(x, self.norm3, nf), route)
-        x = add_norm(x, ffn, self.norm3, self.dropout3, nf)  # Add & Norm #3
+                                 memory_kv, route, residual=x)
+        x = post_norm(c.output, self.norm2, nf)  # Add & Norm #2
+        ffn = self.feed_forward(pre_norm(x, self.norm3, nf), route, residual=x)
+        x = post_norm(ffn, self.norm3, nf)  # Add & Norm #3
         if cache is not None:
             cache.self_key_value, cache.memory_key_value = a.key_value, c.key_value
         return DecoderLayerOutput(x, a.probabilities, c.probabilities)

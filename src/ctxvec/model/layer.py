@@ -1,8 +1,10 @@
 """Steps 6-7 of the assembly line: Add & Norm, feed-forward, Add & Norm = one encoder layer.
 
-Add & Norm is one rule for every layer here (the decoder's too), in the model's norm placement:
-``pre_norm`` normalises a sub-layer's input (pre-norm only), ``add_norm`` adds the sub-layer's
-output to the stream and normalises the sum (post-norm only, the seed's choice).
+Add & Norm is one rule for every layer here (the decoder's too), in the model's norm placement.
+Add: each sub-layer adds its output, after its dropout, to the stream it is given
+(``residual``), in its last projection (``Route.residual_linear``: one kernel where the route
+fuses them). Norm: ``pre_norm`` normalises a sub-layer's input (pre-norm only), ``post_norm``
+the sum (post-norm only, the seed's choice).
 
 Letters: B batch, T sequence length, D d_model, F d_ff, M selected positions.
 """
@@ -25,15 +27,14 @@ def pre_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Ten
     return norm(x) if norm_first else x
 
 
-def add_norm(x: torch.Tensor, sublayer_out: torch.Tensor, norm: nn.LayerNorm, dropout: nn.Module,
-             norm_first: bool) -> torch.Tensor:
-    """Add & Norm: ``x + Dropout(sublayer_out)``, then ``LayerNorm`` of the sum in post-norm."""
-    x = x + dropout(sublayer_out)
+def post_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Tensor:
+    """The Norm of Add & Norm: ``LayerNorm`` of the residual sum in post-norm, the sum itself in pre-norm."""
     return x if norm_first else norm(x)
 
 
 class FeedForward(nn.Module):
-    """Position-wise feed-forward: D -> F, activation, dropout, F -> D (512 -> 1024 -> 512)."""
+    """Position-wise feed-forward: D -> F, activation, dropout, F -> D (512 -> 1024 -> 512),
+    then the output's dropout (before the residual add, as every sub-layer's)."""
 
     def __init__(self, d_model: int, d_ff: int, dropout: float, activation: str) -> None:
         super().__init__()
@@ -41,11 +42,16 @@ class FeedForward(nn.Module):
         self.activation = activation  # "relu" or "gelu" (model.route.ACTIVATIONS)
         self.dropout = Dropout(dropout)
         self.down = nn.Linear(d_ff, d_model)
+        self.out_dropout = Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, route: Route | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, route: Route | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B, T, D) or a route's view of them. ``residual`` (x's shape): the stream the output
+        is added to (the Add of Add & Norm); None: the output alone."""
         route = route or default_route(x, self)
         hidden = route.linear(x, self.up, self.activation)  # activation(up(x)): (B, T, F)
-        return route.linear(self.dropout(hidden), self.down)  # (B, T, D)
+        # residual + out_dropout(down(dropout(hidden))): (B, T, D)
+        return route.residual_linear(self.dropout(hidden), self.down, self.out_dropout, residual)
 
 
 @dataclass
@@ -66,16 +72,16 @@ class EncoderLayer(nn.Module):
 
         x = x + Dropout(Attention(LayerNorm(x)))
         x = x + Dropout(FeedForward(LayerNorm(x)))
+
+    Each sub-layer applies its output's Dropout and adds x itself (``residual=``).
     """
 
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         self.norm_first = config.norm_first
         self.attention = MultiHeadSelfAttention(config.d_model, config.n_heads, config.dropout)
-        self.dropout1 = Dropout(config.dropout)
         self.norm1 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.feed_forward = FeedForward(config.d_model, config.d_ff, config.dropout, config.activation)
-        self.dropout2 = Dropout(config.dropout)
         self.norm2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, key_mask: torch.Tensor | None = None, return_attention: bool = False,
@@ -92,8 +98,8 @@ class EncoderLayer(nn.Module):
         # the residual stream at the rows computed: all of x, or (M, D)
         residual = x if selected is None else x.reshape(-1, x.shape[-1]).index_select(0, selected)
         a = self.attention(pre_norm(x, self.norm1, self.norm_first), key_mask, return_attention, route,
-                           selected=selected)
-        x = add_norm(residual, a.output, self.norm1, self.dropout1, self.norm_first)  # Add & Norm #1
-        ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route)
-        x = add_norm(x, ffn, self.norm2, self.dropout2, self.norm_first)  # Add & Norm #2
+                           selected=selected, residual=residual)  # residual + Dropout(Attention(.))
+        x = post_norm(a.output, self.norm1, self.norm_first)  # Add & Norm #1
+        ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route, residual=x)
+        x = post_norm(ffn, self.norm2, self.norm_first)  # Add & Norm #2
         return LayerOutput(x, a.probabilities)
