@@ -6,8 +6,11 @@ seed's (8 x 64), fp32 and bf16 where it is native, by:
   - ctxvec.engine.attention.batched_attention (two batched matmuls around an fp32 softmax),
   - torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
   - ctxvec.model.attention.attention (the eager function that also returns the probabilities),
-and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` is set from
-this table. Writes benchmarks/results/bench_attention.{json,md} (not BENCHMARKS.md).
+and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` (per CPU kind)
+is set from these tables; widths between multiples of 16 show the fused kernel's tail blocks
+(ctxvec pads to whole blocks where it runs it, ``attention.FUSED_CPU_WIDTH_MULTIPLE``). Writes
+benchmarks/results/bench_attention.{json,md}, on AMX CPUs bench_attention_amx.{json,md} (not
+BENCHMARKS.md).
 
     .venv/bin/python benchmarks/bench_attention.py [--threads 2] [--reps 30]
 """
@@ -25,13 +28,13 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, median_seconds, write_results  # noqa: E402
 
-from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES  # noqa: E402
+from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES, FUSED_CPU_WIDTH_MULTIPLE  # noqa: E402
 
 from ctxvec.model.attention import attention  # noqa: E402
 from ctxvec.model.masks import key_mask_from  # noqa: E402
-from ctxvec.engine.runtime import native_bf16  # noqa: E402
+from ctxvec.engine.runtime import cpu_has_amx, native_bf16  # noqa: E402
 
-LENGTHS = [8, 16, 32, 64, 128, 256, 384, 512]
+LENGTHS = [8, 16, 32, 36, 44, 48, 64, 68, 100, 128, 132, 256, 384, 512]
 SHAPES = {"minilm (12 x 32)": (12, 32), "seed (8 x 64)": (8, 64)}
 
 
@@ -74,8 +77,10 @@ def main() -> None:
             print(shape, dtype, [(r["T"], round(r["batched"]["ms"], 3), round(r["fused (SDPA)"]["ms"], 3))
                                  for r in rows], flush=True)
     result = {"machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
-              "fused_cpu_min_scores": {str(d).removeprefix("torch."): n for d, n in FUSED_CPU_MIN_SCORES.items()}, "tables": tables}
-    write_results("bench_attention", result, markdown(result), args.out, update=False)
+              "fused_cpu_min_scores": {str(d).removeprefix("torch."): n for d, n in FUSED_CPU_MIN_SCORES.items()},
+              "fused_cpu_width_multiple": FUSED_CPU_WIDTH_MULTIPLE, "tables": tables}
+    name = "bench_attention_amx" if cpu_has_amx() else "bench_attention"
+    write_results(name, result, markdown(result), args.out, update=False)
 
 
 def markdown(r: dict) -> str:
@@ -84,7 +89,9 @@ def markdown(r: dict) -> str:
            "One attention step over ~1,024 tokens (B = 1024 // T sequences, every other one a little "
            "shorter), median ms; in brackets the largest error relative to a float64 reference. "
            "ctxvec takes the batched route while T * S is below "
-           + ", ".join(f"{k} in {d}" for d, k in r["fused_cpu_min_scores"].items()) + ".", ""]
+           + ", ".join(f"{k} in {d}" for d, k in r["fused_cpu_min_scores"].items())
+           + (f", and pads the widths it runs the fused kernel at to multiples of {r['fused_cpu_width_multiple']}"
+              if r.get("fused_cpu_width_multiple", 1) > 1 else "") + ".", ""]
     for t in r["tables"]:
         out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | batched | fused (SDPA) | eager |", "|---:|---:|---:|---:|"]
         for row in t["rows"]:

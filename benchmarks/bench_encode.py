@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -45,7 +46,7 @@ from common import (  # noqa: E402
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
 from ctxvec.pipeline import (  # noqa: E402
-    DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape)
+    DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape, padded_width)
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
 
 
@@ -67,11 +68,12 @@ def padded(lengths, batches) -> int:
     return sum(len(b) * max(lengths[i] for i in b) for b in batches)
 
 
-def ctxvec_slots(lengths, max_len: int) -> int:
+def ctxvec_slots(lengths, max_len: int, dtype: torch.dtype) -> int:
     """B * T summed over the batches Pipeline pads (attention's view; its matmuls skip padding)."""
     total = 0
-    for b in length_sorted_batches(lengths, DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE):
-        rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len)
+    width_of = partial(padded_width, dtype=dtype)
+    for b in length_sorted_batches(lengths, DEFAULT_BATCH_TOKENS, width_of):
+        rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len, width_of)
         total += rows * width
     return total
 
@@ -115,7 +117,7 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
 
     L = lengths_of(texts)
     L16 = lengths_of(bf16_texts)
-    ours_slots = ctxvec_slots(L, ours32.encoder.config.max_len)
+    ours_slots = ctxvec_slots(L, ours32.encoder.config.max_len, torch.float32)
     return [
         System("ctxvec fp32", "minilm", "fp32", lambda n=None: ours32.embed(texts[:n]), L, ours_slots, len(texts)),
         System("ctxvec fp32, one stream", "minilm", "fp32", lambda n=None: one32.embed(texts[:n]), L, ours_slots,
@@ -125,9 +127,9 @@ def minilm_systems(texts: list[str], bf16_texts: list[str]) -> list[System]:
         System("HF BertModel fp32, unsorted batches of 32", "minilm", "fp32", lambda n=None: hf_unsorted(texts[:n]), L,
                padded(L, fixed_batches(len(L), 32)), len(texts)),
         System("ctxvec bf16", "minilm", "bf16", lambda n=None: ours16.embed(bf16_texts[:n]), L16,
-               ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
+               ctxvec_slots(L16, ours16.encoder.config.max_len, torch.bfloat16), len(bf16_texts)),
         System("ctxvec bf16, one stream", "minilm", "bf16", lambda n=None: one16.embed(bf16_texts[:n]), L16,
-               ctxvec_slots(L16, ours16.encoder.config.max_len), len(bf16_texts)),
+               ctxvec_slots(L16, ours16.encoder.config.max_len, torch.bfloat16), len(bf16_texts)),
         System("sentence-transformers bf16", "minilm", "bf16",
                lambda n=None: np.asarray(st16.encode(bf16_texts[:n], batch_size=32, convert_to_tensor=True).float()),
                L16, st_slots(bf16_texts, L16), len(bf16_texts)),
@@ -258,6 +260,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true", help="do not rewrite BENCHMARKS.md")
     parser.add_argument("--no-exported", action="store_true", help="leave out ONNX Runtime and OpenVINO")
+    parser.add_argument("--passages", type=int, default=0, metavar="K",
+                        help="time passages of K to 2K random lines of the corpus joined, not single lines "
+                             "(results: bench_encode_passages)")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -265,7 +270,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors")
     facts = machine()
     lines = [line for line in args.corpus.read_text(encoding="utf-8").splitlines() if line.strip()]
-    sample = random.Random(0).sample(lines, args.lines)
+    sample = (random.Random(0).sample(lines, args.lines) if not args.passages
+              else passages(lines, args.lines, args.passages, random.Random(0)))
     bf16_lines = args.bf16_lines or (args.lines if facts["native_bf16"] else 150)
     print(f"{facts['cpu']} ({facts['matrix_units']}), {args.threads} threads, torch {facts['torch']}; "
           f"{len(sample)} lines of {args.corpus.name}", flush=True)
@@ -286,7 +292,8 @@ def main() -> None:
     if not args.no_exported:
         timed = set(sample)
         unseen = [line for line in lines if line not in timed]
-        calibration = random.Random(1).sample(unseen, 256)  # NNCF's calibration: not the timed text
+        calibration = (random.Random(1).sample(unseen, 256) if not args.passages  # NNCF's: not the timed text
+                       else passages(lines, 64, args.passages, random.Random(1)))
         systems += exported_systems(sample, sample[:bf16_lines], args.threads, Path(workdir.name), calibration)
     time_systems(systems, args.rounds, slow_rounds=1)
     workdir.cleanup()
@@ -327,11 +334,23 @@ def main() -> None:
             ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, unsorted batches of 32"),
     }
     result = {"machine": facts, "threads": args.threads, "corpus": args.corpus.name, "lines": args.lines,
+              "passages": args.passages, "tokens_per_text": statistics.median(lengths_of(sample)),
               "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
               "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
               "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()},
               "matmul_routes": {f"{m} {p}": by for (m, p), by in routes.items()}, "systems": rows, "ratios": ratios}
-    write_results("bench_encode", result, markdown(result), args.out, update=not args.no_update)
+    name = "bench_encode_passages" if args.passages else "bench_encode"
+    write_results(name, result, markdown(result), args.out, update=not args.no_update)
+
+
+def passages(lines: list[str], n: int, k: int, rng: random.Random) -> list[str]:
+    """n texts of k to 2k random lines joined by spaces: passages as retrieval indexes them."""
+    return [" ".join(rng.sample(lines, rng.randint(k, 2 * k))) for _ in range(n)]
+
+
+def lengths_of(texts: list[str]) -> list[int]:
+    """MiniLM's tokens per text (special tokens included, before truncation)."""
+    return [e.n_tokens_full for e in ctxvec.load("minilm").tokenizer.tokenize(texts)]
 
 
 def markdown(r: dict) -> str:
@@ -339,7 +358,10 @@ def markdown(r: dict) -> str:
     out = [f"Machine: {m['cpu']}, matrix units: **{m['matrix_units']}** ({', '.join(m['simd'])}; native bf16: "
            f"{'yes' if m['native_bf16'] else 'no'}), "
            f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}.",
-           f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM), the first {r['seed_lines']} of them "
+           (f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM)" if not r.get("passages") else
+            f"Text: {r['lines']} passages of {r['passages']} to {2 * r['passages']} random lines of `{r['corpus']}` "
+            f"joined (MiniLM; median {r['tokens_per_text']:.0f} tokens, cut to its 256)")
+           + f", the first {r['seed_lines']} of them "
            f"(seed config), the first {r['bf16_lines']} for bf16; median of {r['rounds']} rounds "
            f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, {r['batch_tokens']} tokens. "
            "Padding in batches: padded share of the (B, T) batches; ctxvec's matrix multiplies skip it "

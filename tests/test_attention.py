@@ -1,5 +1,6 @@
 import importlib
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -151,3 +152,33 @@ def test_packing_rounds_the_rows_up_and_round_trips(row_multiple):
     # and back: (B, H, T, Dh), head-major in memory or not, to the packed rows, heads concatenated
     for by_head in (heads.view(3, 3, 7, 2).transpose(0, 1), x.view(3, 7, 3, 2).transpose(1, 2)):
         assert torch.equal(packing.pack_heads(by_head), packed)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_aligned_width_rounds_up_only_widths_the_fused_kernel_takes(monkeypatch, dtype):
+    monkeypatch.setattr(attention_module, "FUSED_CPU_MIN_SCORES", {torch.float32: 96 * 96, torch.bfloat16: 48 * 48})
+    monkeypatch.setattr(attention_module, "FUSED_CPU_WIDTH_MULTIPLE", 16)
+    start = 96 if dtype == torch.float32 else 48
+    for width in range(4, 260, 4):
+        aligned = attention_module.aligned_width(width, dtype)
+        if width < start:
+            assert aligned == width
+        else:
+            assert aligned % 16 == 0 and width <= aligned < width + 16
+    assert attention_module.aligned_width(100, torch.float16) == 112  # no batched route: always fused
+    monkeypatch.setattr(attention_module, "FUSED_CPU_WIDTH_MULTIPLE", 1)
+    assert all(attention_module.aligned_width(w, dtype) == w for w in range(4, 260, 4))
+
+
+def test_the_cpu_rule_follows_the_matrix_units():
+    """AMX CPUs: the fused kernel from 48 (bf16) / 96 (fp32) tokens, on aligned widths; others
+    keep the AVX-512 EPYC measurements (batched up to 256 / 512 tokens, widths as they are)."""
+    from ctxvec.engine.runtime import cpu_has_amx
+
+    amx = cpu_has_amx()
+    assert attention_module.FUSED_CPU_WIDTH_MULTIPLE == (16 if amx else 1)
+    assert attention_module.FUSED_CPU_MIN_SCORES == (attention_module._AMX_XEON if amx
+                                                     else attention_module._AVX512_EPYC)
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():  # PyTorch's probe agrees with the kernel's CPU flags
+        assert amx == ("amx_tile" in cpuinfo.read_text().split())

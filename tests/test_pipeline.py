@@ -84,13 +84,34 @@ def _batch_shapes(pipeline, texts, **options) -> tuple[np.ndarray, list[tuple[in
 def test_batches_come_in_few_shapes_and_padding_changes_no_vector():
     """Widths are multiples of LENGTH_MULTIPLE and rows the budget's or a power of two, so
     oneDNN compiles few attention kernels; the vectors equal those of texts embedded alone."""
-    from ctxvec.pipeline import LENGTH_MULTIPLE
+    from ctxvec.engine.batching import LENGTH_MULTIPLE
 
     pipeline, texts = _tiny_pipeline(), _texts(300)
     together, shapes = _batch_shapes(pipeline, texts, batch_tokens=128)
     assert all(width % LENGTH_MULTIPLE == 0 for _, width in shapes)
     assert all(rows == 128 // width or rows & (rows - 1) == 0 for rows, width in shapes)
     assert len(set(shapes)) < len(shapes) / 3
+    alone = np.stack([pipeline.embed([t])[0] for t in texts[:20]])
+    assert np.abs(together[:20] - alone).max() < 1e-5
+
+
+@pytest.mark.parametrize("multiple", [1, 16])
+def test_widths_the_fused_attention_takes_are_aligned_to_its_blocks_and_change_no_vector(monkeypatch, multiple):
+    """Where the fused attention kernel runs (here, as on an AMX Xeon, from a width of 16 in
+    fp32) a batch's width is a multiple of its blocks; below it, of LENGTH_MULTIPLE. The same
+    vectors either way, and as texts embedded alone."""
+    import ctxvec.engine.attention as attention_module
+    from ctxvec.engine.batching import LENGTH_MULTIPLE
+
+    monkeypatch.setitem(attention_module.FUSED_CPU_MIN_SCORES, torch.float32, 16 * 16)
+    monkeypatch.setattr(attention_module, "FUSED_CPU_WIDTH_MULTIPLE", multiple)
+    pipeline, texts = _tiny_pipeline(), _texts(200)
+    together, shapes = _batch_shapes(pipeline, texts, batch_tokens=256)
+    widths = {width for _, width in shapes}
+    assert any(w >= 16 for w in widths) and any(w < 16 for w in widths)
+    assert all(w % (multiple if w >= 16 else LENGTH_MULTIPLE) == 0 for w in widths)
+    if multiple == 1:  # without alignment some of those widths are not multiples of 16
+        assert any(w >= 16 and w % 16 for w in widths)
     alone = np.stack([pipeline.embed([t])[0] for t in texts[:20]])
     assert np.abs(together[:20] - alone).max() < 1e-5
 
@@ -116,7 +137,7 @@ def test_any_iterable_of_strings_is_embedded(seed, make):
 
 # How far a text's sentence vector may move with what else is in its batch (the README states
 # it): batch size, budget and padding change the order of the floating-point sums.
-BATCH_BOUND = {"fp32": 1e-6, "bf16": 2e-3}  # bf16 on AMX: 1.1e-3 measured (README)
+BATCH_BOUND = {"fp32": 1e-6, "bf16": 3e-3}  # bf16 on AMX: 2.3e-3 measured (README)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -261,7 +261,7 @@ def test_training_batches_come_in_one_shape_per_width(tmp_path):
     """Source and target share a width (a multiple of LENGTH_MULTIPLE) and the budget's row
     count at that width (or a power of two for a short batch), so a bf16 CPU run compiles few
     oneDNN kernels; the loss counts only the pairs' real target tokens."""
-    from ctxvec.pipeline import LENGTH_MULTIPLE
+    from ctxvec.engine.batching import LENGTH_MULTIPLE
 
     pairs = toy_pairs(tmp_path / "p.tsv")
     cfg = TranslationConfig(steps=1, **TINY)

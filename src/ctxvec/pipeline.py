@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, LENGTH_MULTIPLE, length_sorted_batches, padded_shape
+from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape, padded_width
 from ctxvec.engine.linear import repack_weights
 from ctxvec.engine.route import route_for
 from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
@@ -176,7 +176,7 @@ class Pipeline:
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
-        batches = list(length_sorted_batches(lengths, batch_tokens, LENGTH_MULTIPLE))
+        batches = list(length_sorted_batches(lengths, batch_tokens, self.padded_width))
         with torch.inference_mode():
             # Repacking the weights for oneDNN costs about a tenth of a batch and saves about
             # as much per batch: worth it from three batches on. The copies live for this call.
@@ -185,7 +185,7 @@ class Pipeline:
 
         def run(indices: list[int]) -> tuple[list[int], BatchShape, Result]:
             rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
-                                       self.encoder.config.max_len)
+                                       self.encoder.config.max_len, self.padded_width)
             batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
             route = route_for(self.encoder, batch.attention_mask, repacked)
             hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
@@ -204,6 +204,11 @@ class Pipeline:
             if trim:  # always after freeing copies; else at most once a TRIM_INTERVAL (short calls)
                 release_memory(0.0 if copies else TRIM_INTERVAL)
 
+    def padded_width(self, longest: int) -> int:
+        """The width a batch whose longest text has ``longest`` tokens is padded to
+        (``engine.batching.padded_width`` in the model's dtype)."""
+        return padded_width(longest, next(self.encoder.parameters()).dtype)
+
     def _stream_plan(self, batches: int) -> StreamPlan:
         if next(self.encoder.parameters()).device.type != "cpu":
             return StreamPlan(1, torch.get_num_threads())
@@ -216,7 +221,8 @@ class Pipeline:
         Args:
             texts: the texts.
             batch_tokens: padded tokens per forward pass (the vectors move by at most 1e-6 in
-                fp32, 2e-3 in bf16, with it: the order of floating-point sums).
+                fp32, 3e-3 in bf16, with it: the order of floating-point sums, and in bf16 which
+                attention kernel the batch's width takes).
             strict: raise instead of truncating a text over the length limit, or of encoding a
                 text without a single token (``ctxvec.tokenizer.StrictError``).
         """

@@ -1,8 +1,12 @@
 """The engine's attention kernels: a batched attention for the short sequences of text on CPUs.
 
 PyTorch's fused CPU kernel for ``scaled_dot_product_attention`` is blocked for long sequences;
-for the short ones text has, two batched matrix multiplies around one fp32 softmax are faster
-(``benchmarks/bench_attention.py``). ``fast_attention`` picks the kernel by one rule.
+for the short ones text has, two batched matrix multiplies around one fp32 softmax can be
+faster (``benchmarks/bench_attention.py``). Where they cross over depends on the CPU: on AMD
+EPYCs with AVX-512 the batched one wins up to 256-512 tokens, on an AMX Xeon the fused kernel
+wins from 64 tokens on, and most where the width is a multiple of its 16-row blocks.
+``fast_attention`` picks the kernel by one rule; ``aligned_width`` is the width a batch is
+padded to so that the fused kernel runs whole blocks.
 """
 
 from __future__ import annotations
@@ -13,13 +17,33 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ctxvec.engine.runtime import cpu_has_amx
 from ctxvec.model.dropout import Dropout
 
 # From this many scores per head (T * S) on, PyTorch's fused CPU kernel is the faster one; below,
-# ``batched_attention`` is (benchmarks/bench_attention.py, 2-core AVX-512 CPU, batches of ~1k
-# tokens: in fp32 1.5-3x faster at T = S = 16..128, even at 256, slower from 384 on; in bf16
-# 1.4-3x faster up to 512, the longest measured). Other dtypes: always the fused kernel.
-FUSED_CPU_MIN_SCORES = {torch.float32: 256 * 256 + 1, torch.bfloat16: 512 * 512 + 1}
+# ``batched_attention`` is (benchmarks/bench_attention.py, batches of ~1k tokens). Other dtypes:
+# always the fused kernel.
+# - AMD EPYC with AVX-512 (2 cores): batched 1.5-3x faster in fp32 at T = S = 16..128, even at
+#   256, slower from 384 on; in bf16 1.4-3x faster up to 512, the longest measured.
+# - Intel Xeon with AMX (2 cores, 1 thread per stream): at widths in multiples of 16 the fused
+#   kernel is 1.3-2.3x faster from 64 on in bf16 (and mostly from 32), 1.1-1.4x in fp32; between
+#   them it runs a tail block and can fall behind. End to end (MiniLM, 2 streams, widths aligned
+#   where it runs), bf16 from 48 and fp32 from 96 tokens on against this EPYC rule: texts of
+#   ~186 tokens bf16 1.75x, fp32 1.11x; ~96: 1.21x, 1.02x; ~46: 1.15x, 1.02x; ~31: level
+#   (fp32 from 64 on lost 2% at ~46 tokens).
+_AVX512_EPYC = {torch.float32: 256 * 256 + 1, torch.bfloat16: 512 * 512 + 1}
+_AMX_XEON = {torch.float32: 96 * 96, torch.bfloat16: 48 * 48}
+FUSED_CPU_MIN_SCORES = _AMX_XEON if cpu_has_amx() else _AVX512_EPYC
+# Where the fused kernel runs, batches are padded to a width in multiples of this (1: as is).
+FUSED_CPU_WIDTH_MULTIPLE = 16 if cpu_has_amx() else 1
+
+
+def aligned_width(width: int, dtype: torch.dtype) -> int:
+    """``width`` rounded up to ``FUSED_CPU_WIDTH_MULTIPLE`` if the fused kernel takes a sequence
+    of that width in ``dtype`` on this CPU, else ``width`` itself."""
+    if width * width < FUSED_CPU_MIN_SCORES.get(dtype, 0):
+        return width
+    return -(-width // FUSED_CPU_WIDTH_MULTIPLE) * FUSED_CPU_WIDTH_MULTIPLE
 
 
 def batched_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

@@ -8,7 +8,11 @@ needs for memory to stay flat over a long job.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+
+from ctxvec.engine.attention import aligned_width
 
 # Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
 # in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
@@ -24,18 +28,31 @@ DEFAULT_BATCH_TOKENS = 1024
 LENGTH_MULTIPLE = 4
 
 
-def length_sorted_batches(lengths: Sequence[int], batch_tokens: int, multiple: int = 1
-                          ) -> Iterator[list[int]]:
+def rounded_width(longest: int) -> int:
+    """``longest`` rounded up to a multiple of ``LENGTH_MULTIPLE``: the width of a training batch
+    (it attends by the batched kernel, with dropout)."""
+    return -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+
+
+def padded_width(longest: int, dtype: torch.dtype) -> int:
+    """The width an inference batch in ``dtype`` whose longest text has ``longest`` tokens is
+    padded to: a multiple of ``LENGTH_MULTIPLE``, and where the fused attention kernel takes it,
+    of its blocks (``engine.attention.aligned_width``)."""
+    return aligned_width(rounded_width(longest), dtype)
+
+
+def length_sorted_batches(lengths: Sequence[int], batch_tokens: int,
+                          width_of: Callable[[int], int] | None = None) -> Iterator[list[int]]:
     """Indices grouped into batches of similar length whose padded size stays under the budget.
 
     A batch holds texts sorted by length, so padding is at most the gap to its longest text;
-    ``len(batch) * longest <= batch_tokens`` (a single text longer than the budget is alone),
-    lengths counted rounded up to a ``multiple``.
+    ``len(batch) * width_of(longest) <= batch_tokens`` (a single text longer than the budget
+    is alone), ``width_of``: the width a batch is padded to (None: its longest length).
     """
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batch: list[int] = []
     for i in order:
-        longest = -(-lengths[i] // multiple) * multiple  # lengths[i] is the longest so far
+        longest = lengths[i] if width_of is None else width_of(lengths[i])  # lengths[i]: the longest so far
         if batch and (len(batch) + 1) * longest > batch_tokens:
             yield batch
             batch = []
@@ -44,15 +61,16 @@ def length_sorted_batches(lengths: Sequence[int], batch_tokens: int, multiple: i
         yield batch
 
 
-def padded_shape(longest: int, n_texts: int, batch_tokens: int, max_len: int) -> tuple[int, int]:
+def padded_shape(longest: int, n_texts: int, batch_tokens: int, max_len: int,
+                 width_of: Callable[[int], int]) -> tuple[int, int]:
     """(rows, width) that a batch of ``n_texts`` texts, the longest ``longest`` tokens, is padded to.
 
-    The width is rounded up to ``LENGTH_MULTIPLE`` (at most ``max_len``). The rows are the
+    The width is ``width_of(longest)`` (at most ``max_len``). The rows are the
     texts rounded up to a power of two, but never past what ``batch_tokens`` allows at that
     width: a full batch keeps exactly the budget's row count, and a batch of a few texts stays
     a few rows whatever the budget (memory grows with the work, not with ``batch_tokens``).
     Either way the shapes come in few sizes, which is what oneDNN's kernel cache needs.
     """
-    width = min(-(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE, max(max_len, longest))
+    width = min(width_of(longest), max(max_len, longest))
     bucket = 1 << (n_texts - 1).bit_length()  # the next power of two
     return max(n_texts, min(bucket, batch_tokens // width)), width

@@ -30,6 +30,14 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
     return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+@lru_cache(maxsize=1)
+def cpu_has_amx() -> bool:
+    """Whether this CPU has AMX tile matrix units (Intel Xeon from Sapphire Rapids on), which
+    PyTorch's kernels use for bf16 and int8."""
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # PyTorch's own probe
+    return bool(is_supported()) if is_supported is not None else False
+
+
 def set_threads(threads: int | None) -> None:
     """Use ``threads`` CPU threads for PyTorch's kernels (None: leave PyTorch's choice)."""
     if threads is None:

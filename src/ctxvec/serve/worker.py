@@ -42,7 +42,6 @@ from typing import Literal
 
 import torch
 
-from ctxvec.engine.batching import LENGTH_MULTIPLE
 from ctxvec.engine.runtime import release_memory
 from ctxvec.engine.streams import plan_streams
 from ctxvec.pipeline import BatchShape, Pipeline
@@ -109,11 +108,12 @@ class WorkerEvents:
     on_dropped: Callable[[str, int], None] = lambda reason, texts: None  # texts never computed
 
 
-def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int) -> list[int]:
+def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int,
+                        width_of: Callable[[int], int]) -> list[int]:
     """Indices into ``lengths`` for the next batch: the text ``oldest`` and its neighbours in
     length, taken one at a time from whichever side is closer in length, while ``len(batch) *
-    longest <= batch_tokens`` (lengths rounded up to ``LENGTH_MULTIPLE``, as the pipeline pads)."""
-    rounded = [-(-n // LENGTH_MULTIPLE) * LENGTH_MULTIPLE for n in lengths]
+    longest <= batch_tokens``, lengths as the pipeline pads them (``width_of``: its ``padded_width``)."""
+    rounded = [width_of(n) for n in lengths]
     order = sorted(range(len(lengths)), key=rounded.__getitem__)
     lo = hi = order.index(oldest)
     width = rounded[oldest]
@@ -337,7 +337,8 @@ class InferenceWorker:
         """The oldest text of the pool, and its neighbours in length of the same kind."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
-        chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens)  # same[0] is oldest
+        chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens,  # same[0] is oldest
+                                     self.pipeline.padded_width)
         return [same[i] for i in chosen]
 
     def _compute(self, batch: list[Pending], threads: int) -> list:

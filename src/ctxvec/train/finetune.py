@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctxvec.engine.batching import LENGTH_MULTIPLE
+from ctxvec.engine.batching import rounded_width
 from ctxvec.evaluation import correlations, pair_cosines
 from ctxvec.files import atomic_write_text, read_json
 from ctxvec.loading import load
@@ -164,7 +164,7 @@ class FinetuneTrainer(TrainingRun):
         """One batch: this process's rows (rank r: the r-th slice), every column padded together."""
         rows = self.batch_indices(step).reshape(self.d.world, -1)[self.d.rank]
         encoded: list[Encoded] = [column[i] for column in self.columns for i in rows]  # column-major
-        width = -(-max(len(e.ids) for e in encoded) // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
+        width = rounded_width(max(len(e.ids) for e in encoded))
         batch = self.tokenizer.pad(encoded, length=width)
         labels = self.labels[torch.from_numpy(rows)] if self.labels is not None else torch.zeros(len(rows))
         return [(batch.input_ids.to(self.d.device), batch.attention_mask.to(self.d.device), labels)]

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctxvec.engine.batching import LENGTH_MULTIPLE, length_sorted_batches, padded_shape
+from ctxvec.engine.batching import length_sorted_batches, padded_shape, rounded_width
 from ctxvec.model.config import Seq2SeqConfig
 from ctxvec.model.translator import Translator, teacher_forced_loss
 from ctxvec.tokenizer import Encoded, Tokenizer
@@ -128,7 +128,7 @@ class TranslationTrainer(TrainingRun):
             for start in range(0, len(order), pool):
                 chunk = order[start:start + pool]
                 for batch in length_sorted_batches([lengths[i] for i in chunk], self.micro_tokens,
-                                                   LENGTH_MULTIPLE):
+                                                   rounded_width):
                     batches.append([chunk[i] for i in batch])
             rng.shuffle(batches)
             self._epochs.append(batches)
@@ -154,13 +154,13 @@ class TranslationTrainer(TrainingRun):
         """(src_ids, src_mask, tgt_ids, tgt_mask), all (R, W), right-padded, on the device.
 
         Source and target share one width W, the longest of both rounded up to
-        ``LENGTH_MULTIPLE``, and R is as many rows as the token budget allows at that width
-        (rows of padding after the pairs; the loss ignores them): batch shapes then depend on
+        ``LENGTH_MULTIPLE`` (``rounded_width``), and R is as many rows as the token budget allows
+        at that width (rows of padding after the pairs; the loss ignores them): shapes depend on
         W alone. In bf16 on a CPU, oneDNN keeps a compiled kernel per matrix shape, and a
         training process whose shapes changed with every batch grew by gigabytes.
         """
         longest = max(max(len(s.ids), len(t.ids)) for s, t in rows)
-        n, width = padded_shape(longest, len(rows), self.micro_tokens, self.cfg.seq_len)
+        n, width = padded_shape(longest, len(rows), self.micro_tokens, self.cfg.seq_len, rounded_width)
         src = self.tokenizer.pad([s for s, _ in rows], length=width, rows=n)
         tgt = self.tokenizer.pad([t for _, t in rows], length=width, rows=n)
         return tuple(t.to(self.d.device) for t in (src.input_ids, src.attention_mask,
@@ -191,7 +191,7 @@ class TranslationTrainer(TrainingRun):
         shard = list(range(self.d.rank, len(self.valid_encoded), self.d.world))
         total, count = torch.zeros(()), torch.zeros(())
         lengths = [max(len(self.valid_encoded[i][0].ids), len(self.valid_encoded[i][1].ids)) for i in shard]
-        for batch in length_sorted_batches(lengths, self.micro_tokens, LENGTH_MULTIPLE):
+        for batch in length_sorted_batches(lengths, self.micro_tokens, rounded_width):
             padded = self._pad([self.valid_encoded[shard[i]] for i in batch])
             with self.autocast():
                 total += self.loss_sum(self.model, padded, label_smoothing=0.0).float().cpu()
