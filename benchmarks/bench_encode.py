@@ -46,8 +46,9 @@ from common import (  # noqa: E402
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
 from ctxvec.pipeline import (  # noqa: E402
-    DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape, padded_width)
+    DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape)
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
+from ctxvec.engine.batching import padded_width  # noqa: E402
 
 
 @dataclass
@@ -293,7 +294,7 @@ def main() -> None:
         timed = set(sample)
         unseen = [line for line in lines if line not in timed]
         calibration = (random.Random(1).sample(unseen, 256) if not args.passages  # NNCF's: not the timed text
-                       else passages(lines, 64, args.passages, random.Random(1)))
+                       else passages(unseen, 64, args.passages, random.Random(1)))
         systems += exported_systems(sample, sample[:bf16_lines], args.threads, Path(workdir.name), calibration)
     time_systems(systems, args.rounds, slow_rounds=1)
     workdir.cleanup()
@@ -334,7 +335,7 @@ def main() -> None:
             ratio("ctxvec EncoderStack fp32", "nn.TransformerEncoder fast path, unsorted batches of 32"),
     }
     result = {"machine": facts, "threads": args.threads, "corpus": args.corpus.name, "lines": args.lines,
-              "passages": args.passages, "tokens_per_text": statistics.median(lengths_of(sample)),
+              "passages": args.passages, "tokens_per_text": statistics.median(full_lengths(sample)),
               "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
               "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
               "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()},
@@ -348,7 +349,7 @@ def passages(lines: list[str], n: int, k: int, rng: random.Random) -> list[str]:
     return [" ".join(rng.sample(lines, rng.randint(k, 2 * k))) for _ in range(n)]
 
 
-def lengths_of(texts: list[str]) -> list[int]:
+def full_lengths(texts: list[str]) -> list[int]:
     """MiniLM's tokens per text (special tokens included, before truncation)."""
     return [e.n_tokens_full for e in ctxvec.load("minilm").tokenizer.tokenize(texts)]
 

@@ -1,6 +1,5 @@
 import importlib
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -169,16 +168,3 @@ def test_aligned_width_rounds_up_only_widths_the_fused_kernel_takes(monkeypatch,
     monkeypatch.setattr(attention_module, "FUSED_CPU_WIDTH_MULTIPLE", 1)
     assert all(attention_module.aligned_width(w, dtype) == w for w in range(4, 260, 4))
 
-
-def test_the_cpu_rule_follows_the_matrix_units():
-    """AMX CPUs: the fused kernel from 48 (bf16) / 96 (fp32) tokens, on aligned widths; others
-    keep the AVX-512 EPYC measurements (batched up to 256 / 512 tokens, widths as they are)."""
-    from ctxvec.engine.runtime import cpu_has_amx
-
-    amx = cpu_has_amx()
-    assert attention_module.FUSED_CPU_WIDTH_MULTIPLE == (16 if amx else 1)
-    assert attention_module.FUSED_CPU_MIN_SCORES == (attention_module._AMX_XEON if amx
-                                                     else attention_module._AVX512_EPYC)
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.exists():  # PyTorch's probe agrees with the kernel's CPU flags
-        assert amx == ("amx_tile" in cpuinfo.read_text().split())

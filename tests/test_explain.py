@@ -74,6 +74,19 @@ def test_trace_equals_the_models_forward(pipeline, traced):
     assert t.lookup_error == 0.0  # one_hot @ E is exactly the lookup E[ids]
 
 
+def test_each_layers_steps_are_what_their_names_say(pipeline, traced):
+    """The attention's output is the projection alone (the layer adds the residual after it):
+    post-norm's LayerNorm #1 receives input + attention_output, #2 its output + ffn_output."""
+    t, _ = traced
+    for i, (layer, step) in enumerate(zip(pipeline.encoder.stack.layers, t.layers)):
+        with torch.inference_mode():
+            projected = layer.attention.out(step.concat)
+        torch.testing.assert_close(step.attention_output, projected, atol=1e-6, rtol=0, msg=f"layer {i}")
+        if not layer.norm_first:
+            torch.testing.assert_close(step.norm1_input, step.input + step.attention_output, atol=1e-5, rtol=0)
+            torch.testing.assert_close(step.norm2_input, step.norm1_output + step.ffn_output, atol=1e-5, rtol=0)
+
+
 def test_an_attention_row_recomputed_from_the_weights_is_on_the_page(pipeline, traced):
     t, page = traced
     data, n, config = embedded_data(page), t.n_real, pipeline.encoder.config

@@ -45,7 +45,7 @@ from torch.nn import functional as F  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ctxvec.engine.linear import (  # noqa: E402
-    ONEDNN_ROW_MULTIPLE, linear, linear_add, onednn_rows, packed_row_multiple, repack_weights)
+    ONEDNN_ROW_MULTIPLE, linear, linear_add, onednn_dtype, onednn_rows, packed_row_multiple, repack_weights)
 
 ACTS = {None: lambda t: t, "relu": F.relu, "gelu": F.gelu}
 DTYPES = [torch.float32] + ([torch.bfloat16] if native_bf16() else [])
@@ -83,11 +83,12 @@ def test_linear_add_equals_the_residual_plus_the_linear(dtype, repacked, rows):
     x, residual = torch.randn(rows, 48).to(dtype), (4 * torch.randn(rows, 80)).to(dtype)
     with torch.inference_mode():
         got = linear_add(x, layer, residual, repack_weights(layer) if repacked else None)
+        fused = onednn_rows(x, layer.weight) > 1 and rows % ONEDNN_ROW_MULTIPLE == 0
     expected = residual.double() + _reference(x, layer, None)
     assert got.dtype == dtype and got.shape == (rows, 80)
     if dtype == torch.float32:
         assert (got.double() - expected).abs().max().item() < 1e-5
-    elif onednn_rows(x, layer.weight) > 1 and rows % ONEDNN_ROW_MULTIPLE == 0:
+    elif fused:
         assert ((got.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-4).all()
     else:
         assert (got.double() - expected).abs().max().item() < 3e-2 * expected.abs().max().item()
@@ -99,19 +100,22 @@ def test_the_engine_fuses_each_sublayers_residual_add_only_at_inference(training
     per encoder layer); in training the plain add after the dropout. Same output either way."""
     from conftest import tiny_config
     from ctxvec import Encoder
+    import ctxvec.engine.linear as linear_module
     import ctxvec.engine.route as route_module
 
-    if not torch.backends.mkldnn.is_available():
-        pytest.skip("no oneDNN in this PyTorch build")
+    if not onednn_dtype(torch.float32):
+        pytest.skip("no oneDNN linear in this PyTorch build")
     torch.manual_seed(0)
     encoder = Encoder(tiny_config(dropout=0.0)).train(training)
     ids = torch.randint(5, encoder.config.vocab_size, (3, 9))
     mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 7 + [0] * 2])
-    fused = []
-    monkeypatch.setattr(route_module, "linear_add", lambda *a: fused.append(a) or linear_add(*a))
+    fused = []  # oneDNN linears run with the residual as a post-op
+    onednn_linear = linear_module.onednn_linear
+    monkeypatch.setattr(linear_module, "onednn_linear",
+                        lambda *a: fused.append(len(a) > 4 and a[4] is not None) or onednn_linear(*a))
     with torch.inference_mode(not training):
         out = encoder(ids, mask).last_hidden_state
-    assert len(fused) == (0 if training else 2 * encoder.config.n_layers)
+    assert sum(fused) == (0 if training else 2 * encoder.config.n_layers)
     monkeypatch.setattr(route_module.FastRoute, "residual_linear", route_module.Route.residual_linear)
     with torch.inference_mode(not training):
         plain = encoder(ids, mask).last_hidden_state

@@ -206,8 +206,9 @@ class Pipeline:
 
     def padded_width(self, longest: int) -> int:
         """The width a batch whose longest text has ``longest`` tokens is padded to
-        (``engine.batching.padded_width`` in the model's dtype)."""
-        return padded_width(longest, next(self.encoder.parameters()).dtype)
+        (``engine.batching.padded_width`` in the model's dtype, at most the model's limit)."""
+        width = padded_width(longest, next(self.encoder.parameters()).dtype)
+        return min(width, max(self.encoder.config.max_len, longest))
 
     def _stream_plan(self, batches: int) -> StreamPlan:
         if next(self.encoder.parameters()).device.type != "cpu":

@@ -3,8 +3,9 @@
 PyTorch's fused CPU kernel for ``scaled_dot_product_attention`` is blocked for long sequences;
 for the short ones text has, two batched matrix multiplies around one fp32 softmax can be
 faster (``benchmarks/bench_attention.py``). Where they cross over depends on the CPU: on AMD
-EPYCs with AVX-512 the batched one wins up to 256-512 tokens, on an AMX Xeon the fused kernel
-wins from 64 tokens on, and most where the width is a multiple of its 16-row blocks.
+EPYCs with AVX-512 the batched one wins up to 256-512 tokens; on an AMX Xeon the fused kernel
+wins from about 48 tokens in bf16 and 96 in fp32 (the rule below), most where the width is a
+multiple of its 16-row blocks.
 ``fast_attention`` picks the kernel by one rule; ``aligned_width`` is the width a batch is
 padded to so that the fused kernel runs whole blocks.
 """
@@ -40,7 +41,8 @@ FUSED_CPU_WIDTH_MULTIPLE = 16 if cpu_has_amx() else 1
 
 def aligned_width(width: int, dtype: torch.dtype) -> int:
     """``width`` rounded up to ``FUSED_CPU_WIDTH_MULTIPLE`` if the fused kernel takes a sequence
-    of that width in ``dtype`` on this CPU, else ``width`` itself."""
+    of that width in ``dtype`` on this CPU, else ``width`` itself. (The rule is the CPU's; a GPU
+    pipeline on such a host gets the same aligned widths, which its kernels do not mind.)"""
     if width * width < FUSED_CPU_MIN_SCORES.get(dtype, 0):
         return width
     return -(-width // FUSED_CPU_WIDTH_MULTIPLE) * FUSED_CPU_WIDTH_MULTIPLE

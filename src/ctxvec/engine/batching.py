@@ -30,7 +30,8 @@ LENGTH_MULTIPLE = 4
 
 def rounded_width(longest: int) -> int:
     """``longest`` rounded up to a multiple of ``LENGTH_MULTIPLE``: the width of a training batch
-    (it attends by the batched kernel, with dropout)."""
+    (training attends by the batched kernel, with dropout; its few evaluation passes keep the
+    training shapes)."""
     return -(-longest // LENGTH_MULTIPLE) * LENGTH_MULTIPLE
 
 

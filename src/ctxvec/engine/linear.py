@@ -107,9 +107,7 @@ def linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor,
     """
     if (bucketed(x) and onednn_rows(x, layer.weight) > 1 and residual.dtype == x.dtype
             and residual.shape == (x.shape[0], layer.out_features)):
-        weight = weights.get(layer) if weights else None
-        return torch.ops.mkldnn._linear_pointwise.binary(
-            x.contiguous(), residual.contiguous(), layer.weight if weight is None else weight, layer.bias, "add")
+        return onednn_linear(x, layer, None, weights.get(layer) if weights else None, residual)
     return residual + linear(x, layer, None, weights)
 
 
@@ -119,8 +117,13 @@ def bucketed(x: torch.Tensor) -> bool:
 
 
 def onednn_linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
-                  weight: torch.Tensor | None = None) -> torch.Tensor:
-    """``activation(layer(x))`` by oneDNN: x (R, C), the layer's weight or its repacked copy."""
+                  weight: torch.Tensor | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """``activation(layer(x))`` by oneDNN: x (R, C), the layer's weight or its repacked copy; with a
+    ``residual`` (R, N) instead, ``residual + layer(x)`` (the add as a binary post-op)."""
+    weight = layer.weight if weight is None else weight
+    if residual is not None:
+        return torch.ops.mkldnn._linear_pointwise.binary(x.contiguous(), residual.contiguous(), weight,
+                                                         layer.bias, "add")
     return torch.ops.mkldnn._linear_pointwise(
-        x.contiguous(), layer.weight if weight is None else weight, layer.bias, activation or "none", [],
+        x.contiguous(), weight, layer.bias, activation or "none", [],
         "none" if activation == "gelu" else "")  # gelu algorithm "none": the erf form

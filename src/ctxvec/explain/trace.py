@@ -218,7 +218,7 @@ def _layer_trace(seen: dict[tuple[str, int], tuple[tuple, Any]], i: int, layer: 
     (hidden,), ffn_output = seen[("down", i)]  # the activation's output (dropout is off)
     return LayerTrace(input=layer_input, q=q, k=k, v=v, scores=attention.scores,
                       probabilities=attention.probabilities, concat=seen[("out", i)][0][0],
-                      attention_output=attention.output, norm1_input=norm1_input, norm1_output=norm1_output,
+                      attention_output=seen[("out", i)][1], norm1_input=norm1_input, norm1_output=norm1_output,
                       ffn_pre_activation=seen[("up", i)][1], ffn_hidden=hidden, ffn_output=ffn_output,
                       norm2_input=norm2_input, norm2_output=norm2_output, output=layer_output.hidden_state)
 

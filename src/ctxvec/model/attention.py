@@ -3,9 +3,10 @@
 Two layers, as in the Annotated Transformer and nanoGPT:
 - ``attention``: a pure function, softmax(Q·Kᵀ / √d) · V, returning output *and* probabilities;
 - ``MultiHeadSelfAttention``: 1) project to Q, K, V, 2) split into heads, 3) attend, 4) concat
-  the heads, 5) project (and add the residual stream, when given: the Add of Add & Norm). Step 3 is ``attention`` when the probabilities are asked for (the
-  scores come with them, for the explain page), else the route's fused kernel: the same inputs,
-  the same outputs (a test holds them equal).
+  the heads, 5) project (and add the residual stream, when given: the Add of Add & Norm). Step
+  3 is ``attention`` when the probabilities are asked for (the scores come with them, for the
+  explain page), else the route's fused kernel: the same inputs, the same outputs (a test
+  holds them equal).
 - ``MultiHeadCrossAttention``: the same steps with queries from the decoder and keys/values from
   the encoder's context vectors.
 

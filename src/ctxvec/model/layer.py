@@ -2,9 +2,9 @@
 
 Add & Norm is one rule for every layer here (the decoder's too), in the model's norm placement.
 Add: each sub-layer adds its output, after its dropout, to the stream it is given
-(``residual``), in its last projection (``Route.residual_linear``: one kernel where the route
-fuses them). Norm: ``pre_norm`` normalises a sub-layer's input (pre-norm only), ``post_norm``
-the sum (post-norm only, the seed's choice).
+(``residual``), in its last projection (``Route.residual_linear``: the projection and the add
+run as one kernel where the route supports it). Norm: ``pre_norm`` normalises a sub-layer's
+input (pre-norm only), ``post_norm`` the sum (post-norm only, the seed's choice).
 
 Letters: B batch, T sequence length, D d_model, F d_ff, M selected positions.
 """

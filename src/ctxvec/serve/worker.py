@@ -113,22 +113,22 @@ def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int,
     """Indices into ``lengths`` for the next batch: the text ``oldest`` and its neighbours in
     length, taken one at a time from whichever side is closer in length, while ``len(batch) *
     longest <= batch_tokens``, lengths as the pipeline pads them (``width_of``: its ``padded_width``)."""
-    rounded = [width_of(n) for n in lengths]
-    order = sorted(range(len(lengths)), key=rounded.__getitem__)
+    widths = [width_of(n) for n in lengths]
+    order = sorted(range(len(lengths)), key=widths.__getitem__)
     lo = hi = order.index(oldest)
-    width = rounded[oldest]
+    width = widths[oldest]
     while True:
         n = hi - lo + 2
         left = lo > 0 and n * width <= batch_tokens
-        right = hi + 1 < len(order) and n * max(width, rounded[order[hi + 1]]) <= batch_tokens
+        right = hi + 1 < len(order) and n * max(width, widths[order[hi + 1]]) <= batch_tokens
         if left and right:  # the closer in length; the shorter one on a tie (no wider batch)
-            left = width - rounded[order[lo - 1]] <= rounded[order[hi + 1]] - width
+            left = width - widths[order[lo - 1]] <= widths[order[hi + 1]] - width
             right = not left
         if left:
             lo -= 1
         elif right:
             hi += 1
-            width = max(width, rounded[order[hi]])
+            width = max(width, widths[order[hi]])
         else:
             return order[lo:hi + 1]
 
