@@ -176,7 +176,8 @@ class Pipeline:
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
-        batches = list(length_sorted_batches(lengths, batch_tokens, self.padded_width))
+        width_of = self.width_rule()
+        batches = list(length_sorted_batches(lengths, batch_tokens, width_of))
         with torch.inference_mode():
             # Repacking the weights for oneDNN costs about a tenth of a batch and saves about
             # as much per batch: worth it from three batches on. The copies live for this call.
@@ -185,7 +186,7 @@ class Pipeline:
 
         def run(indices: list[int]) -> tuple[list[int], BatchShape, Result]:
             rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
-                                       self.encoder.config.max_len, self.padded_width)
+                                       self.encoder.config.max_len, width_of)
             batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
             route = route_for(self.encoder, batch.attention_mask, repacked)
             hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
@@ -204,11 +205,13 @@ class Pipeline:
             if trim:  # always after freeing copies; else at most once a TRIM_INTERVAL (short calls)
                 release_memory(0.0 if copies else TRIM_INTERVAL)
 
-    def padded_width(self, longest: int) -> int:
-        """The width a batch whose longest text has ``longest`` tokens is padded to
-        (``engine.batching.padded_width`` in the model's dtype, at most the model's limit)."""
-        width = padded_width(longest, next(self.encoder.parameters()).dtype)
-        return min(width, max(self.encoder.config.max_len, longest))
+    def width_rule(self) -> Callable[[int], int]:
+        """The width a batch whose longest text has n tokens is padded to, as a function of n:
+        ``engine.batching.padded_width`` in the model's dtype, at most the model's limit. (Asked
+        once per call: finding the dtype walks the modules, a few microseconds, and the rule
+        runs once per text.)"""
+        dtype, max_len = next(self.encoder.parameters()).dtype, self.encoder.config.max_len
+        return lambda longest: min(padded_width(longest, dtype), max(max_len, longest))
 
     def _stream_plan(self, batches: int) -> StreamPlan:
         if next(self.encoder.parameters()).device.type != "cpu":

@@ -112,7 +112,7 @@ def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int,
                         width_of: Callable[[int], int]) -> list[int]:
     """Indices into ``lengths`` for the next batch: the text ``oldest`` and its neighbours in
     length, taken one at a time from whichever side is closer in length, while ``len(batch) *
-    longest <= batch_tokens``, lengths as the pipeline pads them (``width_of``: its ``padded_width``)."""
+    longest <= batch_tokens``, lengths as the pipeline pads them (``width_of``: its ``width_rule()``)."""
     widths = [width_of(n) for n in lengths]
     order = sorted(range(len(lengths)), key=widths.__getitem__)
     lo = hi = order.index(oldest)
@@ -338,7 +338,7 @@ class InferenceWorker:
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
         chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens,  # same[0] is oldest
-                                     self.pipeline.padded_width)
+                                     self.pipeline.width_rule())
         return [same[i] for i in chosen]
 
     def _compute(self, batch: list[Pending], threads: int) -> list:
