@@ -6,6 +6,9 @@ seed's (8 x 64), fp32 and bf16 where it is native, by:
   - ctxvec.engine.attention.batched_attention (two batched matmuls around an fp32 softmax),
   - torch.nn.functional.scaled_dot_product_attention (PyTorch's fused CPU kernel),
   - ctxvec.model.attention.attention (the eager function that also returns the probabilities),
+  - ctxvec.engine.native.packed_attention (ctxvec's kernel, up to its longest sequence): from
+    the packed QKV rows to the packed output rows, so its time includes what the others leave
+    out (their inputs are already (B, H, T, Dh): the route gathers them from the rows and back),
 and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` (per CPU kind)
 is set from these tables; widths between multiples of 16 show the fused kernel's tail blocks
 (ctxvec pads to whole blocks where it runs it, ``attention.FUSED_CPU_WIDTH_MULTIPLE``). Writes
@@ -28,7 +31,9 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, machine, median_seconds, write_results  # noqa: E402
 
-from ctxvec.engine.attention import batched_attention, FUSED_CPU_MIN_SCORES, FUSED_CPU_WIDTH_MULTIPLE  # noqa: E402
+from ctxvec.engine import native  # noqa: E402
+from ctxvec.engine.attention import (  # noqa: E402
+    batched_attention, FUSED_CPU_MIN_SCORES, FUSED_CPU_WIDTH_MULTIPLE, NATIVE_MAX_TOKENS)
 
 from ctxvec.model.attention import attention  # noqa: E402
 from ctxvec.model.masks import key_mask_from  # noqa: E402
@@ -52,10 +57,17 @@ def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> di
         "fused (SDPA)": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask),
         "eager": lambda: attention(q, k, v, key_mask)[0],
     }
+    # the same sequences as packed rows: (N, 3D) in, (N, D) out
+    rows = torch.cat([t.transpose(1, 2).reshape(B, T, heads * width) for t in (q, k, v)], dim=2)[real]
+    starts = torch.cat([torch.zeros(1, dtype=torch.long), real.sum(1).cumsum(0)])
+    if native.available() is None and T <= native.max_tokens():
+        routes["ctxvec kernel"] = lambda: native.packed_attention(rows, starts, heads)
+    as_rows = {"ctxvec kernel": lambda out: out, None: lambda out: out.transpose(1, 2).reshape(B, T, -1)[real]}
+    expected = as_rows[None](expected)
     row = {"T": T, "B": B}
     with torch.inference_mode():
         for name, fn in routes.items():
-            got = fn().double()
+            got = as_rows.get(name, as_rows[None])(fn()).double()
             row[name] = {"ms": 1e3 * median_seconds(fn, reps, warmup=3),
                          "max_rel_error": ((got - expected).abs().max() / expected.abs().max()).item()}
     return row
@@ -78,7 +90,9 @@ def main() -> None:
                                  for r in rows], flush=True)
     result = {"machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
               "fused_cpu_min_scores": {str(d).removeprefix("torch."): n for d, n in FUSED_CPU_MIN_SCORES.items()},
-              "fused_cpu_width_multiple": FUSED_CPU_WIDTH_MULTIPLE, "tables": tables}
+              "fused_cpu_width_multiple": FUSED_CPU_WIDTH_MULTIPLE,
+              "native_max_tokens": {str(d).removeprefix("torch."): n for d, n in NATIVE_MAX_TOKENS.items()},
+              "native": native.available() or "built", "tables": tables}
     name = "bench_attention_amx" if cpu_has_amx() else "bench_attention"
     write_results(name, result, markdown(result), args.out, update=False)
 
@@ -91,11 +105,15 @@ def markdown(r: dict) -> str:
            "ctxvec takes the batched route while T * S is below "
            + ", ".join(f"{k} in {d}" for d, k in r["fused_cpu_min_scores"].items())
            + (f", and pads the widths it runs the fused kernel at to multiples of {r['fused_cpu_width_multiple']}"
-              if r.get("fused_cpu_width_multiple", 1) > 1 else "") + ".", ""]
+              if r.get("fused_cpu_width_multiple", 1) > 1 else "") + ". "
+           "Up to " + ", ".join(f"{n} tokens in {d}" for d, n in r["native_max_tokens"].items())
+           + " it runs its own kernel on the packed rows instead (`ctxvec kernel`, its time from the QKV rows "
+           f"to the output rows; here: {r['native']}).", ""]
+    names = ("batched", "fused (SDPA)", "eager", "ctxvec kernel")
     for t in r["tables"]:
-        out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | batched | fused (SDPA) | eager |", "|---:|---:|---:|---:|"]
+        out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | " + " | ".join(names) + " |", "|---:|---:|---:|---:|---:|"]
         for row in t["rows"]:
-            cells = [f"{row[k]['ms']:.3f} ({row[k]['max_rel_error']:.0e})" for k in ("batched", "fused (SDPA)", "eager")]
+            cells = [f"{row[k]['ms']:.3f} ({row[k]['max_rel_error']:.0e})" if k in row else "-" for k in names]
             out.append(f"| {row['T']} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

@@ -1,7 +1,8 @@
 """The engine: how the same model runs fast, apart from the model itself.
 
 packing (real tokens as rows), linear (oneDNN at CPU inference, repacked weights, row buckets),
-attention (a batched kernel for short sequences), route (which of them one forward pass uses,
+attention (a batched kernel for short sequences), native (self-attention on the packed rows,
+C++ compiled for the CPU at hand), route (which of them one forward pass uses,
 and why: registered here with ``model.route.register_route``), batching (texts sorted into
 batches of few shapes), runtime (precision, threads, memory).
 """

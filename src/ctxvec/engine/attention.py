@@ -7,7 +7,8 @@ EPYCs with AVX-512 the batched one wins up to 256-512 tokens; on an AMX Xeon the
 wins from about 48 tokens in bf16 and 96 in fp32 (the rule below), most where the width is a
 multiple of its 16-row blocks.
 ``fast_attention`` picks the kernel by one rule; ``aligned_width`` is the width a batch is
-padded to so that the fused kernel runs whole blocks.
+padded to so that the fused kernel runs whole blocks. Shorter sequences of packed rows skip
+all of them for ctxvec's own kernel (``NATIVE_MAX_TOKENS``, ``engine.native``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ _AMX_XEON = {torch.float32: 96 * 96, torch.bfloat16: 48 * 48}
 FUSED_CPU_MIN_SCORES = _AMX_XEON if cpu_has_amx() else _AVX512_EPYC
 # Where the fused kernel runs, batches are padded to a width in multiples of this (1: as is).
 FUSED_CPU_WIDTH_MULTIPLE = 16 if cpu_has_amx() else 1
+# Up to this many tokens a sequence, self-attention on packed rows at CPU inference runs
+# ctxvec's own kernel (``engine.native``, where it builds) instead of any of the above: it reads
+# the rows as they are, so the unpacking, the mask and the packing back go. On 2 AMX Xeon cores
+# (1 thread, ~1k-token batches, bench_attention.py): fp32 1.9-5x faster up to 119 tokens, slower
+# at 256; bf16 1.6-2.2x up to ~55 tokens, level at ~112, slower from ~164 (PyTorch's fused kernel
+# on AMX). Not yet measured on other CPUs: there, the sizes where its register blocking holds.
+NATIVE_MAX_TOKENS = {torch.float32: 128, torch.bfloat16: 112} if cpu_has_amx() else {
+    torch.float32: 128, torch.bfloat16: 128}
 
 
 def aligned_width(width: int, dtype: torch.dtype) -> int:

@@ -28,6 +28,7 @@ class TokenPacking:
     seq_len: int
     gather: torch.Tensor  # (R,) the position each packed row is read from: index, then spares
     sources: torch.Tensor  # (B * T,) the packed row each position is read from (padding: row 0)
+    starts: torch.Tensor  # (B + 1,) sequence b's real tokens are rows starts[b] .. starts[b + 1] - 1
     # (kind, G) -> flat gather index of unpack_heads / pack_heads, made once per batch
     _head_index: dict[tuple[str, int], torch.Tensor] = field(default_factory=dict, repr=False)
 
@@ -41,7 +42,9 @@ class TokenPacking:
         gather = index if r == n else index[torch.arange(r, device=index.device) % n]
         sources = torch.zeros_like(flat, dtype=torch.long).index_copy_(
             0, index, torch.arange(n, device=index.device))
-        return cls(index, real.shape[0], real.shape[1], gather, sources)
+        starts = torch.zeros(real.shape[0] + 1, dtype=torch.long, device=index.device)
+        torch.cumsum(real.sum(1), 0, out=starts[1:])
+        return cls(index, real.shape[0], real.shape[1], gather, sources, starts)
 
     @property
     def n_tokens(self) -> int:

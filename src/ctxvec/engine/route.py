@@ -12,7 +12,9 @@ settles, with the reason, how the pass runs:
 - the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), its activation
   and a sub-layer's residual add fused in, else ``F.linear`` (training, autocast, GPUs, other dtypes).
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
-  reason states the rule and what it gives the stack's self-attention.
+  reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
+  inference, sequences up to ``NATIVE_MAX_TOKENS`` attend by ctxvec's own kernel on the rows
+  as they are (``engine.native``, ``PackedRoute.self_attend``), where it builds.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, fast_attention
+import ctxvec.engine.native as native
+from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, NATIVE_MAX_TOKENS, fast_attention
 import ctxvec.engine.linear as linear_kernels
 from ctxvec.engine.linear import linear, linear_add, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
@@ -55,14 +58,24 @@ class FastRoute(Route):
 
 class PackedRoute(FastRoute):
     """The real tokens packed as (R, D) rows (``TokenPacking``): padding costs nothing but in
-    attention, which unpacks the rows per head by one gather and packs them back by another."""
+    attention, which unpacks the rows per head by one gather and packs them back by another;
+    with ``native``, self-attention reads the rows as they are (``engine.native``)."""
 
     name = "packed"
 
     def __init__(self, real: torch.Tensor, reason: str, row_multiple: int, onednn: bool,
-                 weights: dict[nn.Module, torch.Tensor] | None = None) -> None:
+                 weights: dict[nn.Module, torch.Tensor] | None = None, native: bool = False) -> None:
         super().__init__(real, reason, onednn, weights)
         self.packing = TokenPacking.from_mask(real, row_multiple)
+        self.native = native
+
+    def self_attend(self, qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None, dropout: nn.Module
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        # (the key mask is the packing's: every real token of a sequence, and nothing else)
+        if (self.native and not (dropout.training and dropout.p > 0)
+                and native.takes(qkv.dtype, qkv.shape[1] // (3 * n_heads))):
+            return native.packed_attention(qkv, self.packing.starts, n_heads), None  # (R, D)
+        return super().self_attend(qkv, n_heads, key_mask, dropout)
 
     def arrange(self, x: torch.Tensor) -> torch.Tensor:
         return self.packing.pack(x)  # (B, T, D) -> (R, D)
@@ -104,8 +117,11 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
         layout = (f"{n_real} of {n_all} tokens are real, only they go through the per-token steps"
                   if n_real < n_all else "every token is real, packed in rows oneDNN has a kernel for")
         rows = f"; rows in multiples of {multiple}" + (" (oneDNN runs bf16 autocast)" if autocast_bf16 else "")
+        use_native, why_not_native = _native(probe, T, why_not_onednn)
+        attention = (f"self-attention: ctxvec's kernel on the packed rows (up to {NATIVE_MAX_TOKENS[probe.dtype]} "
+                     f"tokens, engine.native)" if use_native else f"{attention} ({why_not_native})")
         return PackedRoute(real, f"{layout}{rows if multiple > 1 else ''}; {linears}; {attention}", multiple,
-                           use_onednn, weights)
+                           use_onednn, weights, use_native)
     return FastRoute(real, f"every token is real; {linears}; {attention}")
 
 
@@ -132,6 +148,18 @@ def _why_not_onednn(probe: torch.Tensor, weight: torch.Tensor, layers: nn.Module
     if probe.dtype != weight.dtype or not onednn_dtype(probe.dtype):
         return f"no oneDNN linear for {str(probe.dtype).removeprefix('torch.')} here"
     return None
+
+
+def _native(probe: torch.Tensor, T: int, why_not_onednn: str | None) -> tuple[bool, str | None]:
+    """Whether self-attention on the packed rows runs ctxvec's own kernel, else why not: at CPU
+    inference (when oneDNN's linear may run) on sequences it is faster for, where it builds."""
+    if why_not_onednn is not None:
+        return False, f"not ctxvec's kernel: {why_not_onednn}"
+    limit = NATIVE_MAX_TOKENS.get(probe.dtype, 0)
+    if T > limit:
+        return False, f"not ctxvec's kernel: {T} tokens, it runs up to {limit}"
+    why_not = native.available()
+    return (True, None) if why_not is None else (False, f"ctxvec's kernel is unavailable: {why_not}")
 
 
 def _where(probe: torch.Tensor) -> str:

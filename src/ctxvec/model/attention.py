@@ -36,7 +36,8 @@ class AttentionOutput:
         output: (B, T, D), or the route's view of the tokens (or (M, D) for ``selected`` rows);
             with a ``residual``, the residual plus the (dropped-out) output.
         probabilities: (B, H, T, S) softmax over the keys, only when asked for.
-        key_value: the keys and values attended to, 2 x (B, H, S, Dh): what a decoder caches.
+        key_value: the keys and values attended to, 2 x (B, H, S, Dh): what a decoder caches
+            (None where the route attended without laying them out: ``Route.self_attend``).
         scores: (B, H, T, S) Q·Kᵀ / √Dh, -inf at masked keys, with the probabilities.
     """
 
@@ -132,21 +133,26 @@ class MultiHeadSelfAttention(nn.Module):
         H = self.n_heads
         # 1) project: one matrix multiply gives Q, K and V
         qkv = route.linear(x, self.qkv)  # (B, T, 3D)
-        # 2) split into heads
-        q, k, v = route.split_heads(qkv, 3 * H).chunk(3, dim=1)  # 3 x (B, H, T, Dh)
-        if past_key_value is not None:
-            k = torch.cat([past_key_value[0], k], dim=2)  # (B, H, P + T, Dh)
-            v = torch.cat([past_key_value[1], v], dim=2)  # (B, H, P + T, Dh)
-        # 3) attend, per head
-        heads, scores, probabilities = attention_step(route, q, k, v, key_mask, self.attn_dropout,
-                                                     return_probabilities)
-        # 4) concat the heads back to D
-        concat = route.merge_heads(heads)  # (B, H, T, Dh) -> (B, T, H*Dh)
+        if return_probabilities or past_key_value is not None:
+            # 2) split into heads
+            q, k, v = route.split_heads(qkv, 3 * H).chunk(3, dim=1)  # 3 x (B, H, T, Dh)
+            if past_key_value is not None:
+                k = torch.cat([past_key_value[0], k], dim=2)  # (B, H, P + T, Dh)
+                v = torch.cat([past_key_value[1], v], dim=2)  # (B, H, P + T, Dh)
+            # 3) attend, per head
+            heads, scores, probabilities = attention_step(route, q, k, v, key_mask, self.attn_dropout,
+                                                         return_probabilities)
+            # 4) concat the heads back to D
+            concat = route.merge_heads(heads)  # (B, H, T, Dh) -> (B, T, H*Dh)
+            key_value: tuple[torch.Tensor, torch.Tensor] | None = (k, v)
+        else:  # 2)-4) as one step of the route's: its kernel may never lay the heads out
+            concat, key_value = route.self_attend(qkv, H, key_mask, self.attn_dropout)
+            scores = probabilities = None
         if selected is not None:
             concat = concat.reshape(-1, concat.shape[-1]).index_select(0, selected)  # (M, D)
         # 5) mix the heads with the output projection (+ the residual stream)
         output = route.residual_linear(concat, self.out, self.out_dropout, residual)
-        return AttentionOutput(output, probabilities, (k, v), scores)
+        return AttentionOutput(output, probabilities, key_value, scores)
 
 
 class MultiHeadCrossAttention(nn.Module):

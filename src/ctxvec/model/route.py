@@ -4,7 +4,8 @@ A layer projects with ``linear`` (with its activation) and, at a sub-layer's end
 ``residual_linear`` (the projection and the Add of Add & Norm), reshapes around attention with
 ``split_heads`` / ``merge_heads``, and asks ``attend`` for softmax(Q·Kᵀ / √d) · V when the
 probabilities are not wanted (when they are, the attention module computes them step by step
-itself). A stack hands its layers their input through ``arrange`` and takes it back through
+itself); self-attention asks ``self_attend`` for the split, the attention and the concat at
+once. A stack hands its layers their input through ``arrange`` and takes it back through
 ``restore``. This ``Route`` is the plain way, and the one to read: padded (B, T, D) tensors,
 ``nn.Linear``, and PyTorch's fused attention kernel.
 
@@ -84,6 +85,16 @@ class Route:
         matrix multiply."""
         y = dropout(self.linear(x, layer))
         return y if residual is None else residual + y
+
+    def self_attend(self, qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None, dropout: nn.Module
+                    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Self-attention's steps 2-4 at once: split the fused projection ``qkv`` into heads,
+        ``attend``, concat the heads. Returns the concat (shaped like ``qkv`` with D channels)
+        and the keys and values, 2 x (B, n, T, Dh) (a faster route may attend without laying
+        them out, and return None)."""
+        q, k, v = self.split_heads(qkv, 3 * n_heads).chunk(3, dim=1)  # 3 x (B, n, T, Dh)
+        heads = self.attend(q, k, v, key_mask, dropout)  # (B, n, T, Dh)
+        return self.merge_heads(heads), (k, v)  # (B, T, n * Dh)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                dropout: nn.Module) -> torch.Tensor:

@@ -1,0 +1,180 @@
+"""ctxvec.engine.native: the compiled self-attention over packed rows."""
+
+import importlib
+import math
+import platform
+import shutil
+
+import pytest
+import torch
+
+from ctxvec import MultiHeadSelfAttention
+from ctxvec.engine import native
+from ctxvec.engine.packing import TokenPacking
+from ctxvec.engine.route import PackedRoute, choose
+from ctxvec.model.masks import key_mask_from
+
+route_module = importlib.import_module("ctxvec.engine.route")
+
+# Where a compiler is, the kernel must build: a build broken by a change fails here, not skips.
+pytestmark = pytest.mark.skipif(
+    platform.machine().lower() not in ("x86_64", "amd64") or not (shutil.which("c++") or shutil.which("g++")),
+    reason="the native kernel is built for x86-64 with a C++ compiler")
+
+
+def _qkv(lengths, heads, head_width, dtype, spare=3, seed=0):
+    """Packed rows of random Q, K, V for sequences of these lengths, with spare rows after them."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = sum(lengths) + spare
+    qkv = (2 * torch.randn(rows, 3 * heads * head_width, generator=generator)).to(dtype)
+    starts = torch.tensor([0, *lengths]).cumsum(0)
+    return qkv, starts
+
+
+def _reference(qkv, starts, heads):
+    """softmax(Q·Kᵀ / √Dh) · V per sequence and head, in float64 from the same inputs."""
+    D = qkv.shape[1] // 3
+    q, k, v = qkv.double().split(D, dim=1)
+    out = torch.zeros(qkv.shape[0], D, dtype=torch.float64)
+    for first, end in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        if end == first:
+            continue
+        qs, ks, vs = (t[first:end].view(end - first, heads, -1).transpose(0, 1) for t in (q, k, v))
+        weights = (qs @ ks.transpose(1, 2) / math.sqrt(qs.shape[-1])).softmax(-1)
+        out[first:end] = (weights @ vs).transpose(0, 1).reshape(end - first, D)
+    return out
+
+
+def test_it_builds_here():
+    assert native.available() is None
+    assert native.max_tokens() == 256
+
+
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [5, 0, 40], [100, 3], [256]], ids=str)
+@pytest.mark.parametrize("head_width", [32, 64])
+def test_fp32_equals_attention_per_sequence(lengths, head_width):
+    qkv, starts = _qkv(lengths, 2, head_width, torch.float32)
+    out = native.packed_attention(qkv, starts, 2)
+    expected = _reference(qkv, starts, 2)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    assert (out.double() - expected).abs().max() < 1e-5
+    assert (out[sum(lengths):] == 0).all()  # rows of no sequence
+
+
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [100, 3], [256]], ids=str)
+@pytest.mark.parametrize("head_width", [32, 64])
+def test_bf16_is_rounded_once_from_fp32_math(lengths, head_width):
+    """bf16 inputs, fp32 arithmetic, one rounding to bf16 at the end: within bf16's unit
+    roundoff (2^-8 relative) of the exact result, plus fp32's own error."""
+    qkv, starts = _qkv(lengths, 2, head_width, torch.bfloat16)
+    out = native.packed_attention(qkv, starts, 2)
+    expected = _reference(qkv, starts, 2)
+    assert out.dtype == torch.bfloat16
+    assert ((out.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-5).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_threads_give_the_same_numbers(dtype):
+    qkv, starts = _qkv([30, 7, 64, 1, 12], 4, 32, dtype)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.packed_attention(qkv, starts, 4)
+        torch.set_num_threads(2)
+        two = native.packed_attention(qkv, starts, 4)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_rows_may_be_a_view_of_wider_rows():
+    qkv, starts = _qkv([9, 20], 2, 32, torch.float32)
+    wide = torch.zeros(qkv.shape[0], qkv.shape[1] + 40)
+    wide[:, 40:] = qkv
+    view = wide[:, 40:]
+    assert view.stride(0) != view.shape[1]
+    assert torch.equal(native.packed_attention(view, starts, 2), native.packed_attention(qkv, starts, 2))
+
+
+def test_what_it_does_not_take_is_refused_in_one_line():
+    qkv, starts = _qkv([5], 2, 48, torch.float32)
+    with pytest.raises(ValueError, match="head widths"):
+        native.packed_attention(qkv, starts, 2)
+    qkv, starts = _qkv([257], 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="up to 256 tokens"):
+        native.packed_attention(qkv, starts, 1)
+    qkv, starts = _qkv([5], 1, 32, torch.float32)
+    with pytest.raises(ValueError, match="from 0"):
+        native.packed_attention(qkv, starts + 1, 1)
+    with pytest.raises(ValueError, match="fp32/bf16"):
+        native.packed_attention(qkv.double(), starts, 1)
+
+
+@pytest.mark.parametrize("setting, why", [({"CTXVEC_NATIVE": "0"}, "CTXVEC_NATIVE=0"),
+                                          ({"CXX": "false"}, "failed to build")])
+def test_where_it_cannot_build_it_says_why_and_attention_runs_without_it(monkeypatch, tmp_path, setting, why):
+    mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.0).eval()
+    real = torch.arange(20)[None, :] < torch.tensor([20, 11])[:, None]
+    x = torch.randn(2, 20, 64)
+    for name, value in setting.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("CTXVEC_CACHE", str(tmp_path))
+    native._library.cache_clear()
+    try:
+        assert why in native.available()
+        with torch.inference_mode():
+            route = choose(x, mha, real)
+            out = route.restore(mha(route.arrange(x), key_mask_from(real), route=route).output)
+    finally:
+        native._library.cache_clear()
+    assert not route.native and why in route.reason
+    expected = mha(x, key_mask_from(real), return_probabilities=True).output
+    assert torch.allclose(out[real], expected[real], atol=1e-5)
+
+
+def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
+    monkeypatch.setenv("CTXVEC_CACHE", str(tmp_path))
+    compiler = shutil.which("c++") or shutil.which("g++")
+    first = native._build(compiler)
+    built = first.stat().st_mtime_ns
+    assert native._build(compiler) == first and first.stat().st_mtime_ns == built
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no partial file left
+    monkeypatch.setattr(native, "_cpu_identity", lambda: "another CPU")
+    assert native._build(compiler) != first
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_packed_route_attends_by_it_with_the_same_output(monkeypatch, dtype):
+    """An encoder layer's attention at inference: ctxvec's kernel on the packed rows (called
+    once), the same output as the step-by-step attention."""
+    mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.1).eval().to(dtype)
+    real = torch.arange(40)[None, :] < torch.tensor([40, 23, 1])[:, None]
+    x = torch.randn(3, 40, 64).to(dtype)
+    calls = []
+    kernel = native.packed_attention
+    monkeypatch.setattr(native, "packed_attention", lambda *a: calls.append(1) or kernel(*a))
+    with torch.inference_mode():
+        route = choose(x, mha, real)
+        assert isinstance(route, PackedRoute) and route.native and "ctxvec's kernel" in route.reason
+        out = route.restore(mha(route.arrange(x), key_mask_from(real), route=route).output)
+        expected = mha(x, key_mask_from(real), return_probabilities=True).output
+    assert calls == [1]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    assert torch.allclose(out[real].float(), expected[real].float(), atol=tolerance)
+
+
+def test_the_route_keeps_pytorch_for_long_sequences_and_training(monkeypatch):
+    mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.0)
+    limit = route_module.NATIVE_MAX_TOKENS[torch.float32]
+    with torch.inference_mode():
+        short = choose(torch.randn(2, limit, 64), mha, torch.ones(2, limit, dtype=torch.bool))
+        long = choose(torch.randn(2, limit + 1, 64), mha, torch.ones(2, limit + 1, dtype=torch.bool))
+    assert short.native and not long.native and f"it runs up to {limit}" in long.reason
+    training = choose(torch.randn(2, 8, 64), mha, torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None])
+    assert isinstance(training, PackedRoute) and not training.native and "gradients" in training.reason
+
+
+def test_packing_knows_where_each_sequence_starts():
+    real = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
+    packing = TokenPacking.from_mask(real, row_multiple=8)
+    assert packing.starts.tolist() == [0, 2, 2, 4]
