@@ -4,15 +4,19 @@ import importlib
 import math
 import platform
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 
-from ctxvec import MultiHeadSelfAttention
+from conftest import random_batch, tiny_config
+from ctxvec import Encoder, MultiHeadSelfAttention
 from ctxvec.engine import native
+from ctxvec.engine.linear import onednn_dtype
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.engine.route import PackedRoute, choose
 from ctxvec.model.masks import key_mask_from
+from ctxvec.model.route import Route
 
 route_module = importlib.import_module("ctxvec.engine.route")
 
@@ -45,9 +49,41 @@ def _reference(qkv, starts, heads):
     return out
 
 
+@pytest.fixture
+def kernel_rule(monkeypatch):
+    """The route's rule as on a CPU where the kernel is measured (the rule is per CPU kind)."""
+    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {torch.float32: 128, torch.bfloat16: 112})
+
+
+@pytest.fixture
+def counted(monkeypatch):
+    """The kernel's calls, counted."""
+    calls = []
+    kernel = native.packed_attention
+    monkeypatch.setattr(native, "packed_attention", lambda *a: calls.append(1) or kernel(*a))
+    return calls
+
+
 def test_it_builds_here():
     assert native.available() is None
     assert native.max_tokens() == 256
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_every_length_up_to_the_longest(dtype):
+    """Each block count has its own kernel: every sequence length from 1 to 256 against float64;
+    bf16 within half a unit in the last place of the exact value (rounded once; a second
+    rounding would err by up to a whole unit), plus fp32's error."""
+    lengths = list(range(1, native.max_tokens() + 1))
+    qkv, starts = _qkv(lengths, 1, 32, dtype, spare=0)
+    out = native.packed_attention(qkv, starts, 1).double()
+    expected = _reference(qkv, starts, 1)
+    if dtype == torch.float32:
+        assert (out - expected).abs().max() < 1e-5
+    else:
+        half_ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().clamp_min(2**-100))) - 8)
+        # (fp32's error is absolute: outputs near 0 are sums of terms of either sign, |v| < 10)
+        assert ((out - expected).abs() <= half_ulp + 4e-6).all()
 
 
 @pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [5, 0, 40], [100, 3], [256]], ids=str)
@@ -65,7 +101,8 @@ def test_fp32_equals_attention_per_sequence(lengths, head_width):
 @pytest.mark.parametrize("head_width", [32, 64])
 def test_bf16_is_rounded_once_from_fp32_math(lengths, head_width):
     """bf16 inputs, fp32 arithmetic, one rounding to bf16 at the end: within bf16's unit
-    roundoff (2^-8 relative) of the exact result, plus fp32's own error."""
+    roundoff (2^-8 relative: half a unit in the last place at the bottom of a binade) of the
+    exact result, plus fp32's own error."""
     qkv, starts = _qkv(lengths, 2, head_width, torch.bfloat16)
     out = native.packed_attention(qkv, starts, 2)
     expected = _reference(qkv, starts, 2)
@@ -119,22 +156,32 @@ def test_where_it_cannot_build_it_says_why_and_attention_runs_without_it(monkeyp
     for name, value in setting.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CTXVEC_CACHE", str(tmp_path))
-    native._library.cache_clear()
+    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {torch.float32: 128})
+    native.reset()
     try:
         assert why in native.available()
         with torch.inference_mode():
             route = choose(x, mha, real)
-            out = route.restore(mha(route.arrange(x), key_mask_from(real), route=route).output)
+            out = route.restore(mha(route.arrange(x), route.key_mask, route=route).output)
     finally:
-        native._library.cache_clear()
+        native.reset()
     assert not route.native and why in route.reason
     expected = mha(x, key_mask_from(real), return_probabilities=True).output
     assert torch.allclose(out[real], expected[real], atol=1e-5)
 
 
+def test_it_shares_pytorchs_openmp_runtime():
+    """One OpenMP runtime in the process: the kernel's threads are PyTorch's, not a second pool
+    (whose idle threads would spin beside PyTorch's)."""
+    assert native.available() is None
+    maps = Path("/proc/self/maps").read_text()
+    runtimes = {line.split()[-1] for line in maps.splitlines() if "libgomp" in line or "libiomp" in line}
+    assert len(runtimes) == 1, runtimes
+
+
 def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
     monkeypatch.setenv("CTXVEC_CACHE", str(tmp_path))
-    compiler = shutil.which("c++") or shutil.which("g++")
+    compiler = [shutil.which("c++") or shutil.which("g++")]
     first = native._build(compiler)
     built = first.stat().st_mtime_ns
     assert native._build(compiler) == first and first.stat().st_mtime_ns == built
@@ -144,34 +191,83 @@ def test_the_library_is_built_once_per_source_and_cpu(monkeypatch, tmp_path):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_the_packed_route_attends_by_it_with_the_same_output(monkeypatch, dtype):
+def test_the_packed_route_attends_by_it_with_the_same_output(kernel_rule, counted, dtype):
     """An encoder layer's attention at inference: ctxvec's kernel on the packed rows (called
     once), the same output as the step-by-step attention."""
+    if not onednn_dtype(dtype):
+        pytest.skip(f"no oneDNN {dtype} here: the route keeps PyTorch's kernels")
     mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.1).eval().to(dtype)
     real = torch.arange(40)[None, :] < torch.tensor([40, 23, 1])[:, None]
     x = torch.randn(3, 40, 64).to(dtype)
-    calls = []
-    kernel = native.packed_attention
-    monkeypatch.setattr(native, "packed_attention", lambda *a: calls.append(1) or kernel(*a))
     with torch.inference_mode():
         route = choose(x, mha, real)
         assert isinstance(route, PackedRoute) and route.native and "ctxvec's kernel" in route.reason
-        out = route.restore(mha(route.arrange(x), key_mask_from(real), route=route).output)
+        out = route.restore(mha(route.arrange(x), route.key_mask, route=route).output)
         expected = mha(x, key_mask_from(real), return_probabilities=True).output
-    assert calls == [1]
+    assert counted == [1]
     tolerance = 1e-5 if dtype == torch.float32 else 2e-2
     assert torch.allclose(out[real].float(), expected[real].float(), atol=tolerance)
 
 
-def test_the_route_keeps_pytorch_for_long_sequences_and_training(monkeypatch):
+def test_the_route_keeps_pytorch_for_long_sequences_other_heads_and_training(kernel_rule):
     mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.0)
     limit = route_module.NATIVE_MAX_TOKENS[torch.float32]
     with torch.inference_mode():
         short = choose(torch.randn(2, limit, 64), mha, torch.ones(2, limit, dtype=torch.bool))
         long = choose(torch.randn(2, limit + 1, 64), mha, torch.ones(2, limit + 1, dtype=torch.bool))
+        narrow = choose(torch.randn(2, 8, 64), MultiHeadSelfAttention(64, 8, 0.0), torch.ones(2, 8, dtype=torch.bool))
     assert short.native and not long.native and f"it runs up to {limit}" in long.reason
+    assert not narrow.native and "head widths [8]" in narrow.reason
     training = choose(torch.randn(2, 8, 64), mha, torch.arange(8)[None, :] < torch.tensor([8, 3])[:, None])
     assert isinstance(training, PackedRoute) and not training.native and "gradients" in training.reason
+
+
+def test_where_the_kernel_is_not_measured_pytorch_runs(monkeypatch):
+    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {})
+    with torch.inference_mode():
+        route = choose(torch.randn(2, 8, 64), MultiHeadSelfAttention(64, 2, 0.0), torch.ones(2, 8, dtype=torch.bool))
+    assert not route.native and "not measured on this CPU" in route.reason
+
+
+def test_a_route_reused_with_gradients_or_another_mask_does_not_take_the_kernel(kernel_rule, counted):
+    """The kernel has no gradient and knows no mask but the packing's: a route made at inference
+    and used again where a gradient is wanted, or handed another key mask, attends by PyTorch."""
+    mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.0)
+    real = torch.arange(12)[None, :] < torch.tensor([12, 7])[:, None]
+    x = torch.randn(2, 12, 64)
+    with torch.no_grad():
+        route = choose(x, mha, real)
+    assert route.native
+    out = route.restore(mha(route.arrange(x), route.key_mask, route=route).output)
+    out[real].sum().backward()
+    assert counted == [] and mha.qkv.weight.grad is not None and mha.qkv.weight.grad.abs().sum() > 0
+    causal = route.key_mask & torch.ones(12, 12, dtype=torch.bool).tril()
+    with torch.no_grad():
+        masked = route.restore(mha(route.arrange(x), causal, route=route).output)
+        expected = mha(x, causal, return_probabilities=True).output
+    assert counted == [] and torch.allclose(masked[real], expected[real], atol=1e-5)
+
+
+@pytest.mark.parametrize("d_model, heads", [(64, 2), (128, 2)], ids=["heads of 32", "heads of 64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_an_encoder_by_the_kernel_equals_the_plain_route(kernel_rule, counted, d_model, heads, dtype):
+    """A whole encoder at inference, padded batch, with and without ``positions``: the engine
+    (the kernel in every layer) and the plain route agree."""
+    if not onednn_dtype(dtype):
+        pytest.skip(f"no oneDNN {dtype} here: the route keeps PyTorch's kernels")
+    encoder = Encoder(tiny_config(d_model=d_model, n_heads=heads, d_ff=2 * d_model, n_layers=2)).eval().to(dtype)
+    ids, mask = random_batch(5, 33, 64, min_len=1)
+    positions = mask.bool() & (torch.rand(mask.shape) < 0.5)
+    positions[:, 0] = True
+    with torch.inference_mode():
+        fast = encoder(ids, mask)
+        chosen = encoder(ids, mask, positions=positions)
+        plain = encoder(ids, mask, route=Route(mask.bool()))
+    assert "ctxvec's kernel" in fast.route and len(counted) == 4
+    real = mask.bool()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (fast.last_hidden_state[real].float() - plain.last_hidden_state[real].float()).abs().max() < tolerance
+    assert (chosen.last_hidden_state.float() - plain.last_hidden_state[positions].float()).abs().max() < tolerance
 
 
 def test_packing_knows_where_each_sequence_starts():

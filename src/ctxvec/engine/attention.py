@@ -40,17 +40,21 @@ FUSED_CPU_MIN_SCORES = _AMX_XEON if cpu_has_amx() else _AVX512_EPYC
 FUSED_CPU_WIDTH_MULTIPLE = 16 if cpu_has_amx() else 1
 # Up to this many tokens a sequence, self-attention on packed rows at CPU inference runs
 # ctxvec's own kernel (``engine.native``, where it builds) instead of any of the above: it reads
-# the rows as they are, so the unpacking, the mask and the packing back go. On 2 AMX Xeon cores
-# (1 thread, ~1k-token batches, bench_attention.py): fp32 1.9-5x faster up to 119 tokens, slower
-# at 256; bf16 1.6-2.2x up to ~55 tokens, level at ~112, slower from ~164 (PyTorch's fused kernel
-# on AMX). Not yet measured on other CPUs: there, the sizes where its register blocking holds.
-NATIVE_MAX_TOKENS = {torch.float32: 128, torch.bfloat16: 112} if cpu_has_amx() else {
-    torch.float32: 128, torch.bfloat16: 128}
+# the rows as they are, so the unpacking, the mask and the packing back go. On an AMX Xeon
+# (1 thread, ~1k-token batches, from the packed rows to the packed rows against the route's
+# gathers and attention): fp32 1.9-5x faster up to ~119 tokens, slower at 256; bf16 1.6-2.2x
+# up to ~55 tokens, level at ~112, slower from ~164, where PyTorch's fused kernel uses AMX; end
+# to end (MiniLM, 2 threads) bf16 +12% to +19% on texts of 31-46 tokens, fp32 +5%, both +2% at
+# ~96. Other CPUs are not measured yet (bench_attention.py has the kernel's column): there,
+# PyTorch's kernels run until a measurement sets their row.
+NATIVE_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 128, torch.bfloat16: 112} if cpu_has_amx() else {}
 
 
 def aligned_width(width: int, dtype: torch.dtype) -> int:
     """``width`` rounded up to ``FUSED_CPU_WIDTH_MULTIPLE`` if the fused kernel takes a sequence
-    of that width in ``dtype`` on this CPU, else ``width`` itself. (The rule is the CPU's; a GPU
+    of that width in ``dtype`` on this CPU, else ``width`` itself (widths ctxvec's own kernel
+    takes are aligned too: the rule does not know the model's heads, and the packed rows it
+    reads hold no padding whatever the width). (The rule is the CPU's; a GPU
     pipeline on such a host gets the same aligned widths, which its kernels do not mind.)"""
     if width * width < FUSED_CPU_MIN_SCORES.get(dtype, 0):
         return width

@@ -13,8 +13,9 @@ settles, with the reason, how the pass runs:
   and a sub-layer's residual add fused in, else ``F.linear`` (training, autocast, GPUs, other dtypes).
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
-  inference, sequences up to ``NATIVE_MAX_TOKENS`` attend by ctxvec's own kernel on the rows
-  as they are (``engine.native``, ``PackedRoute.self_attend``), where it builds.
+  inference, sequences up to ``NATIVE_MAX_TOKENS`` (per CPU kind, as measured) of heads 32 or
+  64 wide, fp32 or bf16, attend by ctxvec's own kernel on the rows as they are
+  (``engine.native``, ``PackedRoute.self_attend``), where it builds.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, NATIVE_MAX_TOKENS, fas
 import ctxvec.engine.linear as linear_kernels
 from ctxvec.engine.linear import linear, linear_add, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
+from ctxvec.model.attention import MultiHeadSelfAttention
 from ctxvec.model.route import Route
 
 
@@ -71,9 +73,11 @@ class PackedRoute(FastRoute):
 
     def self_attend(self, qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None, dropout: nn.Module
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-        # (the key mask is the packing's: every real token of a sequence, and nothing else)
-        if (self.native and not (dropout.training and dropout.p > 0)
-                and native.takes(qkv.dtype, qkv.shape[1] // (3 * n_heads))):
+        # The kernel attends each sequence over its own rows: only for this route's own key mask
+        # (every real token), and never where a gradient or dropout is wanted (it has neither).
+        if (self.native and key_mask is self.key_mask and not (dropout.training and dropout.p > 0)
+                and not (torch.is_grad_enabled() and qkv.requires_grad) and qkv.device.type == "cpu"
+                and qkv.dim() == 2 and qkv.stride(1) == 1 and native.takes(qkv.dtype, qkv.shape[1] // (3 * n_heads))):
             return native.packed_attention(qkv, self.packing.starts, n_heads), None  # (R, D)
         return super().self_attend(qkv, n_heads, key_mask, dropout)
 
@@ -117,7 +121,7 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
         layout = (f"{n_real} of {n_all} tokens are real, only they go through the per-token steps"
                   if n_real < n_all else "every token is real, packed in rows oneDNN has a kernel for")
         rows = f"; rows in multiples of {multiple}" + (" (oneDNN runs bf16 autocast)" if autocast_bf16 else "")
-        use_native, why_not_native = _native(probe, T, why_not_onednn)
+        use_native, why_not_native = _native(probe, T, why_not_onednn, layers)
         attention = (f"self-attention: ctxvec's kernel on the packed rows (up to {NATIVE_MAX_TOKENS[probe.dtype]} "
                      f"tokens, engine.native)" if use_native else f"{attention} ({why_not_native})")
         return PackedRoute(real, f"{layout}{rows if multiple > 1 else ''}; {linears}; {attention}", multiple,
@@ -150,14 +154,19 @@ def _why_not_onednn(probe: torch.Tensor, weight: torch.Tensor, layers: nn.Module
     return None
 
 
-def _native(probe: torch.Tensor, T: int, why_not_onednn: str | None) -> tuple[bool, str | None]:
+def _native(probe: torch.Tensor, T: int, why_not_onednn: str | None, layers: nn.Module) -> tuple[bool, str | None]:
     """Whether self-attention on the packed rows runs ctxvec's own kernel, else why not: at CPU
-    inference (when oneDNN's linear may run) on sequences it is faster for, where it builds."""
+    inference (where oneDNN's linear may run), on sequences it is measured faster for on this
+    CPU (``NATIVE_MAX_TOKENS``), for the head widths it is written for, where it builds."""
     if why_not_onednn is not None:
         return False, f"not ctxvec's kernel: {why_not_onednn}"
     limit = NATIVE_MAX_TOKENS.get(probe.dtype, 0)
     if T > limit:
-        return False, f"not ctxvec's kernel: {T} tokens, it runs up to {limit}"
+        return False, (f"not ctxvec's kernel: {T} tokens, it runs up to {limit}" if limit else
+                       "not ctxvec's kernel: not measured on this CPU (benchmarks/bench_attention.py)")
+    widths = {m.qkv.out_features // (3 * m.n_heads) for m in layers.modules() if isinstance(m, MultiHeadSelfAttention)}
+    if not widths or not all(w in native.HEAD_WIDTHS for w in widths):
+        return False, f"not ctxvec's kernel: head widths {sorted(widths)}, it takes {list(native.HEAD_WIDTHS)}"
     why_not = native.available()
     return (True, None) if why_not is None else (False, f"ctxvec's kernel is unavailable: {why_not}")
 

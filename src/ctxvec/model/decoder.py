@@ -116,6 +116,9 @@ class DecoderLayer(nn.Module):
         ffn = self.feed_forward(pre_norm(x, self.norm3, nf), route, residual=x)
         x = post_norm(ffn, self.norm3, nf)  # Add & Norm #3
         if cache is not None:
+            if a.key_value is None:  # a route that attends without laying them out (Route.self_attend)
+                raise RuntimeError(f"the route {route.name!r} kept no keys and values; a decoder's cache "
+                                   "needs a padded route.")
             cache.self_key_value, cache.memory_key_value = a.key_value, c.key_value
         return DecoderLayerOutput(x, a.probabilities, c.probabilities)
 

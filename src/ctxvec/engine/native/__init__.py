@@ -3,11 +3,12 @@
 ``packed_attention.cpp`` (read it: one file, no dependency) attends each sequence of a packed
 batch over its own rows, straight from the fused QKV projection's output (see its header).
 It is compiled on first use by the system's C++ compiler (``$CXX``, else ``c++``) with
-``-march=native`` into ``~/.cache/ctxvec/native`` (``$CTXVEC_CACHE``), one library per source,
-compiler and CPU (a machine with another CPU builds its own), and loaded with ``ctypes`` (no
-Python extension, no PyTorch headers: it builds in about a second). Where it cannot be built
-(no compiler, an unwritable cache, ``CTXVEC_NATIVE=0``), ``available()`` says why and the engine
-runs PyTorch's kernels instead, with the same numbers.
+``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
+library per source, compiler and CPU (a machine with another CPU builds its own), and loaded
+with ``ctypes`` (no Python extension, no PyTorch headers: it builds in about 2 s;
+``scripts/setup.sh`` builds it). Where it cannot be built (not Linux on x86-64, no compiler, an
+unwritable cache, ``CTXVEC_NATIVE=0``), ``available()`` says why and the engine runs PyTorch's
+kernels instead (the same numbers within rounding).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ import hashlib
 import logging
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
-from functools import lru_cache
+import threading
 from pathlib import Path
 
 import torch
@@ -38,13 +41,16 @@ class NativeUnavailable(RuntimeError):
 
 
 def _cpu_identity() -> str:
-    """What ``-march=native`` compiles for: the CPU's model and feature flags."""
+    """What ``-march=native`` compiles for: the CPU's model and feature flags (a library built
+    for other flags could stop the process on an unknown instruction, so no flags, no build)."""
     try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return platform.processor() or platform.machine()
-    lines = [line for line in info.splitlines() if line.startswith(("model name", "flags"))]
-    return "\n".join(sorted(set(lines)))
+        info = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError as err:
+        raise NativeUnavailable(f"cannot read the CPU's features ({err})") from None
+    lines = sorted({line for line in info.splitlines() if line.startswith(("model name", "flags"))})
+    if not any(line.startswith("flags") for line in lines):
+        raise NativeUnavailable("/proc/cpuinfo lists no CPU features")
+    return "\n".join(lines)
 
 
 def _cache_dir() -> Path:
@@ -53,21 +59,27 @@ def _cache_dir() -> Path:
     return Path(root) / "native"
 
 
-def _build(compiler: str) -> Path:
+def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace",
+                          timeout=timeout)
+
+
+def _build(compiler: list[str]) -> Path:
     """The library for this source, compiler and CPU: from the cache, else compiled into it."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(FLAGS), version, _cpu_identity()]).encode())
+    version = _run([*compiler, "--version"], 30).stdout
+    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
+                                     _cpu_identity().encode()]))
     target = _cache_dir() / f"packed_attention-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", partial], capture_output=True, text=True,
-                              timeout=300)
+        done = _run([*compiler, *FLAGS, str(SOURCE), "-o", partial], 300)
         if done.returncode != 0:
-            raise NativeUnavailable(f"{compiler} failed to build {SOURCE.name}: {done.stderr.strip()[-500:]}")
+            raise NativeUnavailable(f"{shlex.join(compiler)} failed to build {SOURCE.name}: "
+                                    f"{done.stderr.strip()[-500:]}")
         os.replace(partial, target)  # whole or not at all, whoever builds at the same time
     finally:
         if os.path.exists(partial):
@@ -75,20 +87,14 @@ def _build(compiler: str) -> Path:
     return target
 
 
-@lru_cache(maxsize=1)
-def _library() -> ctypes.CDLL | NativeUnavailable:
-    if os.environ.get("CTXVEC_NATIVE", "1") == "0":
-        return NativeUnavailable("CTXVEC_NATIVE=0")
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return NativeUnavailable(f"written for x86-64 CPUs, this is {platform.machine()}")
-    compiler = os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++")
-    if not compiler:
-        return NativeUnavailable("no C++ compiler (set CXX, or install g++)")
+def _load(compiler: list[str]) -> ctypes.CDLL:
+    """Build (or find) and load the library; a cached one that does not load is built again."""
+    path = _build(compiler)
     try:
+        lib = ctypes.CDLL(str(path))
+    except OSError:  # a damaged file in the cache
+        path.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(_build(compiler)))
-    except (OSError, subprocess.SubprocessError, NativeUnavailable) as err:
-        log.info("ctxvec's native attention is unavailable (%s); PyTorch's kernels run instead", err)
-        return err if isinstance(err, NativeUnavailable) else NativeUnavailable(str(err))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     for name in _FUNCTIONS.values():
         function = getattr(lib, name)
@@ -96,6 +102,42 @@ def _library() -> ctypes.CDLL | NativeUnavailable:
         function.restype = ctypes.c_int
     lib.ctxvec_packed_attention_max_tokens.restype = ctypes.c_int
     return lib
+
+
+_lock = threading.Lock()
+_loaded: list[ctypes.CDLL | NativeUnavailable] = []  # the outcome, once settled
+
+
+def _library() -> ctypes.CDLL | NativeUnavailable:
+    """The loaded library, or why there is none: settled once per process (one thread builds)."""
+    if _loaded:
+        return _loaded[0]
+    with _lock:
+        if not _loaded:
+            _loaded.append(_settle())
+    return _loaded[0]
+
+
+def _settle() -> ctypes.CDLL | NativeUnavailable:
+    if os.environ.get("CTXVEC_NATIVE", "1") == "0":
+        return NativeUnavailable("CTXVEC_NATIVE=0")
+    if not sys.platform.startswith("linux") or platform.machine().lower() not in ("x86_64", "amd64"):
+        return NativeUnavailable(f"written for Linux on x86-64, this is {sys.platform} on {platform.machine()}")
+    compiler = shlex.split(os.environ.get("CXX", "")) or [shutil.which("c++") or shutil.which("g++") or ""]
+    if not compiler[0]:
+        return NativeUnavailable("no C++ compiler (set CXX, or install g++)")
+    try:
+        return _load(compiler)
+    except Exception as err:  # whatever stops the build, PyTorch's kernels still run
+        why = err if isinstance(err, NativeUnavailable) else NativeUnavailable(f"{type(err).__name__}: {err}")
+        log.warning("ctxvec's attention kernel is unavailable (%s); PyTorch's kernels run instead", why)
+        return why
+
+
+def reset() -> None:
+    """Forget the outcome, so that the next use settles it again (tests change the settings)."""
+    with _lock:
+        _loaded.clear()
 
 
 def available() -> str | None:
@@ -115,7 +157,7 @@ def takes(dtype: torch.dtype, head_width: int) -> bool:
     return dtype in _FUNCTIONS and head_width in HEAD_WIDTHS and available() is None
 
 
-def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, n_rows: int | None = None) -> torch.Tensor:
+def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> torch.Tensor:
     """softmax(Q·Kᵀ / √Dh) · V of every head of every sequence, on packed rows.
 
     qkv: (R, 3D) rows of [Q | K | V] (CPU, fp32 or bf16, rows contiguous); starts: (S + 1,) int64,
@@ -136,7 +178,7 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, n_ro
     n_real = int(starts[-1])
     if int(starts[0]) != 0 or n_real > R:
         raise ValueError(f"starts must run from 0 to at most {R} rows, got {starts[0]} .. {n_real}.")
-    out = torch.empty(R, D, dtype=qkv.dtype)
+    out = qkv.new_empty(R, D)
     out[n_real:] = 0
     status = getattr(lib, _FUNCTIONS[qkv.dtype])(
         qkv.data_ptr(), qkv.stride(0), out.data_ptr(), out.stride(0), starts.data_ptr(), len(starts) - 1,
