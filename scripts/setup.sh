@@ -23,6 +23,6 @@ else
     pip install -e .
 fi
 .venv/bin/python -c "import torch, ctxvec; assert torch.__version__.startswith('2.13.0'), torch.__version__"
-# ctxvec's attention kernel for this CPU (engine/native: ~2 s with a C++ compiler, else PyTorch's run)
+# ctxvec's compiled kernels for this CPU (engine/native: ~3 s with a C++ compiler, else PyTorch's run)
 .venv/bin/python -c "from ctxvec.engine import native; why = native.available(); why and print(
-    f'ctxvec: its attention kernel is not built ({why}); PyTorch kernels run instead')"
+    f'ctxvec: its compiled kernels are not built ({why}); PyTorch kernels run instead')"

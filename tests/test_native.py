@@ -1,4 +1,4 @@
-"""ctxvec.engine.native: the compiled self-attention over packed rows."""
+"""ctxvec.engine.native: the compiled kernels (self-attention over packed rows, the bf16 GELU table)."""
 
 import importlib
 import math
@@ -12,7 +12,7 @@ import torch
 from conftest import random_batch, tiny_config
 from ctxvec import Encoder, MultiHeadSelfAttention
 from ctxvec.engine import native
-from ctxvec.engine.linear import onednn_dtype
+from ctxvec.engine.linear import linear, onednn_dtype, onednn_linear
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.engine.route import PackedRoute, choose
 from ctxvec.model.masks import key_mask_from
@@ -276,3 +276,65 @@ def test_packing_knows_where_each_sequence_starts():
     real = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]], dtype=torch.bool)
     packing = TokenPacking.from_mask(real, row_multiple=8)
     assert packing.starts.tolist() == [0, 2, 2, 4]
+
+
+def _every_bf16():
+    """All 65,536 bf16 values, NaNs and infinities among them."""
+    return torch.arange(-(2**15), 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+
+
+def _same_bits_or_both_nan(a, b):
+    return bool(((a.view(torch.int16) == b.view(torch.int16)) | (a.isnan() & b.isnan())).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_gelu_of_every_bf16_value_is_correctly_rounded(threads):
+    """The table's GELU of each of the 65,536 bf16 values is the exact erf GELU rounded once
+    (through fp32, as PyTorch converts), in place; NaN stays NaN, GELU(-inf) is NaN as in PyTorch."""
+    x = _every_bf16().clone()
+    expected = torch.nn.functional.gelu(x.double()).float().bfloat16()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = native.gelu_(x)
+    finally:
+        torch.set_num_threads(before)
+    assert out is x and _same_bits_or_both_nan(x, expected)
+    assert torch.nn.functional.gelu(torch.tensor([-float("inf")])).isnan().all()  # PyTorch's own rule
+    # never farther from the exact value than PyTorch's own bf16 GELU (an fp32 erf formula, then
+    # rounding; it gives -0 below about -5.5, where the exact value is still ~1e-7)
+    exact = torch.nn.functional.gelu(_every_bf16().double())
+    torch_bf16 = torch.nn.functional.gelu(_every_bf16())
+    finite = exact.isfinite()
+    assert ((x.double() - exact)[finite].abs() <= (torch_bf16.double() - exact)[finite].abs()).all()
+
+
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 4096 * 3 + 5])
+def test_gelu_takes_any_length(n):
+    x = (3 * torch.randn(n, generator=torch.Generator().manual_seed(n))).bfloat16()
+    expected = torch.nn.functional.gelu(x.double()).float().bfloat16()
+    assert _same_bits_or_both_nan(native.gelu_(x), expected)
+
+
+def test_gelu_refuses_what_it_does_not_take_in_one_line():
+    with pytest.raises(ValueError, match="contiguous bf16 CPU tensor"):
+        native.gelu_(torch.randn(8))
+    with pytest.raises(ValueError, match="contiguous bf16 CPU tensor"):
+        native.gelu_(torch.randn(8, 8).bfloat16().t())
+
+
+def test_the_feed_forwards_bf16_gelu_is_the_table_after_the_bare_projection():
+    """In bf16 on the oneDNN route, ``linear(..., "gelu")`` is the projection rounded to bf16, then
+    the table: PyTorch's own bf16 steps (a linear, then GELU), each rounded once."""
+    if not onednn_dtype(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 here: the fused post-op never runs in bf16")
+    layer = torch.nn.Linear(64, 256).bfloat16()
+    x = torch.randn(32, 64).bfloat16()
+    with torch.inference_mode():
+        out = linear(x, layer, "gelu")
+        projection = onednn_linear(x, layer)
+    expected = torch.nn.functional.gelu(projection.double()).float().bfloat16()
+    assert _same_bits_or_both_nan(out, expected)
+    with torch.inference_mode():
+        route = choose(torch.randn(2, 8, 64).bfloat16(), layer, torch.ones(2, 8, dtype=torch.bool))
+    assert "GELU by ctxvec's bf16 table" in route.reason

@@ -42,12 +42,13 @@ FUSED_CPU_WIDTH_MULTIPLE = 16 if cpu_has_amx() else 1
 # ctxvec's own kernel (``engine.native``, where it builds) instead of any of the above: it reads
 # the rows as they are, so the unpacking, the mask and the packing back go. On an AMX Xeon
 # (1 thread, ~1k-token batches, from the packed rows to the packed rows against the route's
-# gathers and attention): fp32 1.9-5x faster up to ~119 tokens, slower at 256; bf16 1.6-2.2x
-# up to ~55 tokens, level at ~112, slower from ~164, where PyTorch's fused kernel uses AMX; end
-# to end (MiniLM, 2 threads) bf16 +12% to +19% on texts of 31-46 tokens, fp32 +5%, both +2% at
-# ~96. Other CPUs are not measured yet (bench_attention.py has the kernel's column): there,
-# PyTorch's kernels run until a measurement sets their row.
-NATIVE_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 128, torch.bfloat16: 112} if cpu_has_amx() else {}
+# gathers and attention): fp32 2.2-8x faster up to ~119 tokens, 1.15x at ~167, level at ~188,
+# slower from ~216; bf16 2.4-2.8x up to ~53 tokens, 1.3x at ~112, level at ~129, slower from
+# ~144, where PyTorch's fused kernel uses AMX; end to end (MiniLM, 2 threads) bf16 +12% to
+# +19% on texts of 31-46 tokens, fp32 +5%, both +2% at ~96. Other CPUs are not measured yet
+# (bench_attention.py has the kernel's column; without AVX-512 it is slow, see its source):
+# there, PyTorch's kernels run until a measurement sets their row.
+NATIVE_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 176, torch.bfloat16: 128} if cpu_has_amx() else {}
 
 
 def aligned_width(width: int, dtype: torch.dtype) -> int:

@@ -8,6 +8,10 @@ the same numbers within rounding (~1e-6). oneDNN compiles and keeps a kernel per
 so the rows it sees come in buckets (``ONEDNN_ROW_MULTIPLE``); weights can be repacked into its
 blocked layout once per call of a pipeline (``repack_weights``), ~10% faster again in bf16.
 Training and GPUs use ``F.linear``.
+
+GELU in bf16 is the exception to the fused activation: oneDNN's erf post-op costs about half
+the projection's own time on an AMX Xeon, and ctxvec's table (``engine.native.gelu_``, one
+gather per 16 values) a third of that, so the projection runs bare and the table follows.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+import ctxvec.engine.native as native
 from ctxvec.engine.runtime import native_bf16
 from ctxvec.model.route import ACTIVATIONS
 
@@ -90,10 +95,14 @@ def linear(x: torch.Tensor, layer: nn.Linear, activation: str | None = None,
     layer's dtype: the oneDNN linear with the activation fused in, reading the layer's weight
     from ``weights`` (``repack_weights``) when it is there. Elsewhere: ``F.linear``. (A route
     that chose oneDNN for a forward pass calls this; the checks keep a call that cannot take it
-    on ``F.linear``.)
+    on ``F.linear``.) GELU in bf16: the linear, then ctxvec's GELU table where it builds (the
+    projection rounded to bf16 first, as PyTorch's bf16 linear and F.gelu round it).
     """
     if bucketed(x) and onednn_rows(x, layer.weight) > 1:
-        return onednn_linear(x, layer, activation, weights.get(layer) if weights else None)
+        weight = weights.get(layer) if weights else None
+        if activation == "gelu" and gelu_by_table(x.dtype):
+            return native.gelu_(onednn_linear(x, layer, None, weight))
+        return onednn_linear(x, layer, activation, weight)
     y = layer(x)
     return ACTIVATIONS[activation](y) if activation is not None else y
 
@@ -109,6 +118,11 @@ def linear_add(x: torch.Tensor, layer: nn.Linear, residual: torch.Tensor,
             and residual.shape == (x.shape[0], layer.out_features)):
         return onednn_linear(x, layer, None, weights.get(layer) if weights else None, residual)
     return residual + linear(x, layer, None, weights)
+
+
+def gelu_by_table(dtype: torch.dtype) -> bool:
+    """Whether the oneDNN route's GELU is ctxvec's table (bf16, where the kernels build)."""
+    return dtype == torch.bfloat16 and native.available() is None
 
 
 def bucketed(x: torch.Tensor) -> bool:

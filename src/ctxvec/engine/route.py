@@ -10,7 +10,8 @@ settles, with the reason, how the pass runs:
   ``FastRoute`` keeps the padded layout (nothing to skip, a decoder's cached steps, a module
   called on its own).
 - the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), its activation
-  and a sub-layer's residual add fused in, else ``F.linear`` (training, autocast, GPUs, other dtypes).
+  (in bf16, GELU by ctxvec's table after it) and a sub-layer's residual add fused in, else
+  ``F.linear`` (training, autocast, GPUs, other dtypes).
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
   inference, sequences up to ``NATIVE_MAX_TOKENS`` (per CPU kind, as measured) of heads 32 or
@@ -26,7 +27,7 @@ from torch import nn
 import ctxvec.engine.native as native
 from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, NATIVE_MAX_TOKENS, fast_attention
 import ctxvec.engine.linear as linear_kernels
-from ctxvec.engine.linear import linear, linear_add, onednn_dtype
+from ctxvec.engine.linear import gelu_by_table, linear, linear_add, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
 from ctxvec.model.attention import MultiHeadSelfAttention
 from ctxvec.model.route import Route
@@ -109,7 +110,9 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
     why_not_onednn = _why_not_onednn(probe, weight, layers)
     use_onednn = why_not_onednn is None and not padded_only
     bucket = linear_kernels.ONEDNN_ROW_MULTIPLE
-    linears = (f"oneDNN linear ({_where(probe)}) for row counts in multiples of {bucket}" if use_onednn else f"F.linear ({why_not_onednn or 'a decoder or a module on its own'})")
+    linears = (f"oneDNN linear ({_where(probe)}) for row counts in multiples of {bucket}"
+               + (", GELU by ctxvec's bf16 table (engine.native)" if gelu_by_table(probe.dtype) else "")
+               if use_onednn else f"F.linear ({why_not_onednn or 'a decoder or a module on its own'})")
     T = real.shape[1] if real is not None else (x.shape[1] if x is not None and x.dim() == 3 else 0)
     attention = _attention_rule(probe, T)
     if padded_only or real is None:

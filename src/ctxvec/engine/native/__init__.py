@@ -1,11 +1,13 @@
-"""The engine's compiled kernel: self-attention over packed rows, built for the CPU at hand.
+"""The engine's compiled kernels, built for the CPU at hand: one C++ file each, no dependency.
 
-``packed_attention.cpp`` (read it: one file, no dependency) attends each sequence of a packed
-batch over its own rows, straight from the fused QKV projection's output (see its header).
-It is compiled on first use by the system's C++ compiler (``$CXX``, else ``c++``) with
-``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
-library per source, compiler and CPU (a machine with another CPU builds its own), and loaded
-with ``ctypes`` (no Python extension, no PyTorch headers: it builds in about 2 s;
+- ``packed_attention.cpp`` attends each sequence of a packed batch over its own rows, straight
+  from the fused QKV projection's output (``packed_attention``);
+- ``gelu.cpp``: GELU of bf16 values by a table of all 65,536 (``gelu_``).
+
+They are compiled together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
+with ``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
+library per sources, compiler and CPU (a machine with another CPU builds its own), and loaded
+with ``ctypes`` (no Python extension, no PyTorch headers: it builds in about 3 s;
 ``scripts/setup.sh`` builds it). Where it cannot be built (not Linux on x86-64, no compiler, an
 unwritable cache, ``CTXVEC_NATIVE=0``), ``available()`` says why and the engine runs PyTorch's
 kernels instead (the same numbers within rounding).
@@ -30,7 +32,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("packed_attention.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "gelu.cpp"))
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 HEAD_WIDTHS = (32, 64)  # the head widths the kernel is written for
 _FUNCTIONS = {torch.float32: "ctxvec_packed_attention_f32", torch.bfloat16: "ctxvec_packed_attention_bf16"}
@@ -65,20 +67,20 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
 
 
 def _build(compiler: list[str]) -> Path:
-    """The library for this source, compiler and CPU: from the cache, else compiled into it."""
+    """The library for these sources, compiler and CPU: from the cache, else compiled into it."""
     version = _run([*compiler, "--version"], 30).stdout
-    key = hashlib.sha256(b"\0".join([SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(),
-                                     _cpu_identity().encode()]))
-    target = _cache_dir() / f"packed_attention-{key.hexdigest()[:16]}.so"
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(),
+                                     version.encode(), _cpu_identity().encode()]))
+    target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(prefix=".building-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = _run([*compiler, *FLAGS, str(SOURCE), "-o", partial], 300)
+        done = _run([*compiler, *FLAGS, *map(str, SOURCES), "-o", partial], 300)
         if done.returncode != 0:
-            raise NativeUnavailable(f"{shlex.join(compiler)} failed to build {SOURCE.name}: "
+            raise NativeUnavailable(f"{shlex.join(compiler)} failed to build {', '.join(s.name for s in SOURCES)}: "
                                     f"{done.stderr.strip()[-500:]}")
         os.replace(partial, target)  # whole or not at all, whoever builds at the same time
     finally:
@@ -101,6 +103,8 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
         function.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
         function.restype = ctypes.c_int
     lib.ctxvec_packed_attention_max_tokens.restype = ctypes.c_int
+    lib.ctxvec_gelu_bf16_.argtypes = [ptr, i64, ctypes.c_int]
+    lib.ctxvec_gelu_bf16_.restype = None
     return lib
 
 
@@ -130,7 +134,7 @@ def _settle() -> ctypes.CDLL | NativeUnavailable:
         return _load(compiler)
     except Exception as err:  # whatever stops the build, PyTorch's kernels still run
         why = err if isinstance(err, NativeUnavailable) else NativeUnavailable(f"{type(err).__name__}: {err}")
-        log.warning("ctxvec's attention kernel is unavailable (%s); PyTorch's kernels run instead", why)
+        log.warning("ctxvec's compiled kernels are unavailable (%s); PyTorch's kernels run instead", why)
         return why
 
 
@@ -141,7 +145,7 @@ def reset() -> None:
 
 
 def available() -> str | None:
-    """None if the kernel is built and loaded, else why not (built on the first call)."""
+    """None if the kernels are built and loaded, else why not (built on the first call)."""
     lib = _library()
     return str(lib) if isinstance(lib, NativeUnavailable) else None
 
@@ -189,3 +193,16 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> t
         raise ValueError(f"packed_attention takes sequences of up to {max_tokens()} tokens in order; "
                          f"got starts {starts.tolist()[:8]}...")
     return out
+
+
+def gelu_(x: torch.Tensor) -> torch.Tensor:
+    """GELU (the erf form) of a contiguous bf16 CPU tensor, in place, each value correctly rounded
+    (``gelu.cpp``), on ``torch.get_num_threads()`` threads. Returns ``x``."""
+    lib = _library()
+    if isinstance(lib, NativeUnavailable):
+        raise lib
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError(f"gelu_ takes a contiguous bf16 CPU tensor, got {x.dtype} on {x.device} "
+                         f"(contiguous: {x.is_contiguous()}).")
+    lib.ctxvec_gelu_bf16_(x.data_ptr(), x.numel(), torch.get_num_threads())
+    return x

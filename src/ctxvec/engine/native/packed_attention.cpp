@@ -13,8 +13,10 @@
 //
 // Numbers: Q·Kᵀ, softmax and P·V in fp32 whatever the input (bf16 inputs widened exactly, the
 // output rounded to bf16 once, to nearest even); e^x by Cephes' expf polynomial (~1 ulp).
-// Written with GCC/Clang vector extensions: 16 floats a vector, one AVX-512 register or two
-// AVX2 ones, as -march=native allows.
+// Written with GCC/Clang vector extensions: 16 floats a vector, one AVX-512 register. Without
+// AVX-512 it builds and computes the same numbers, but slowly (GCC 12 splits the arithmetic
+// into AVX2 halves, yet compares and selects lane by lane): the route's rule
+// (engine/attention.py) takes it only on CPUs where it is measured faster.
 //
 // Letters: L a sequence's tokens, Lp L rounded up to W, Dh head width, H heads, D = H * Dh,
 // NB key blocks of W (Lp / W), RB query rows computed together.
@@ -68,8 +70,33 @@ inline v16 exp_nonpositive(v16 x) {
   return p * (v16)e;
 }
 
-inline float max_of(v16 v) { float m = v[0]; for (int i = 1; i < W; ++i) m = std::max(m, v[i]); return m; }
-inline float sum_of(v16 v) { float s = 0.0f; for (int i = 0; i < W; ++i) s += v[i]; return s; }
+const v16i LANE{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+
+// The max and the sum of a vector's lanes, by halving: each lane meets the lane k apart.
+inline v16 lanes_apart(v16 v, int k) { return __builtin_shuffle(v, LANE ^ k); }
+inline float max_of(v16 v) {
+  for (int k = 8; k; k >>= 1) { const v16 w = lanes_apart(v, k); v = v > w ? v : w; }
+  return v[0];
+}
+inline float sum_of(v16 v) {
+  for (int k = 8; k; k >>= 1) v += lanes_apart(v, k);
+  return v[0];
+}
+
+// rows[i][l] <- rows[l][i]: the off-diagonal blocks of 8, 4, 2 and 1 lanes swapped in turn,
+// 64 two-register shuffles where a lane at a time would take 256 stores.
+inline void transpose(v16 (&rows)[W]) {
+  for (int s = 8; s; s >>= 1) {
+    const v16i low = (LANE & s) == 0;  // lanes of the diagonal blocks in the first row of a pair
+    const v16i first = low ? LANE : LANE + (W - s), second = low ? LANE + s : LANE + W;
+    for (int i = 0; i < W; ++i)
+      if (!(i & s)) {
+        const v16 a = rows[i], b = rows[i + s];
+        rows[i] = __builtin_shuffle(a, b, first);
+        rows[i + s] = __builtin_shuffle(a, b, second);
+      }
+  }
+}
 
 // One head of one sequence. kt: its keys transposed, (Dh, Lp) fp32, zero past L; vv: its values,
 // (L, Dh) fp32; q0 / out0: its first query row / output row; p: scratch for RB rows of Lp.
@@ -77,8 +104,6 @@ template <typename T, int NB, int RB, int Dh>
 void attend_head(const T* q0, int64_t ld_in, T* out0, int64_t ld_out, int L, float scale,
                  const float* kt, int Lp, const float* vv, float* p) {
   constexpr int DV = Dh / W;
-  v16 lane;
-  for (int i = 0; i < W; ++i) lane[i] = float(i);
   for (int i0 = 0; i0 < L; i0 += RB) {
     const int rows = std::min(RB, L - i0);
     // 1) scores of RB queries against every key: Q·Kᵀ / √Dh, in registers
@@ -102,14 +127,14 @@ void attend_head(const T* q0, int64_t ld_in, T* out0, int64_t ld_out, int L, flo
     for (int r = 0; r < RB; ++r) {
       v16 m = splat(-INFINITY);
       for (int b = 0; b < NB; ++b) {
-        s[r][b] = (lane + float(b * W)) < float(L) ? s[r][b] : splat(-INFINITY);
+        s[r][b] = LANE + b * W < L ? s[r][b] : splat(-INFINITY);
         m = s[r][b] > m ? s[r][b] : m;
       }
       const float row_max = max_of(m);
       v16 total = v16{};
       for (int b = 0; b < NB; ++b) {
         v16 e = exp_nonpositive(s[r][b] - row_max);
-        e = (lane + float(b * W)) < float(L) ? e : v16{};
+        e = LANE + b * W < L ? e : v16{};
         total += e;
         store16(e, p + r * Lp + b * W);
       }
@@ -166,15 +191,18 @@ int attend(const T* qkv, int64_t ld_in, T* out, int64_t ld_out, const int64_t* s
       const int64_t s = task / H, h = task % H, first = starts[s];
       const int L = int(starts[s + 1] - first), Lp = (L + W - 1) / W * W;
       if (L == 0) continue;  // a row of the batch with no real token
-      for (int j = 0; j < L; ++j) {  // this head's keys (transposed) and values, in fp32
-        const T* row = qkv + (first + j) * ld_in + h * Dh;
-        for (int c = 0; c < Dh / W; ++c) {
-          const v16 k = load16(row + D + c * W);
-          for (int i = 0; i < W; ++i) kt[(c * W + i) * Lp + j] = k[i];
-          store16(load16(row + 2 * D + c * W), vv.data() + j * Dh + c * W);
-        }
+      for (int j = 0; j < L; ++j) {  // this head's values, in fp32
+        const T* row = qkv + (first + j) * ld_in + 2 * D + h * Dh;
+        for (int c = 0; c < Dh / W; ++c) store16(load16(row + c * W), vv.data() + j * Dh + c * W);
       }
-      for (int d = 0; d < Dh; ++d) std::fill(kt.data() + d * Lp + L, kt.data() + (d + 1) * Lp, 0.0f);
+      for (int j0 = 0; j0 < L; j0 += W)  // its keys, transposed 16 x 16 at a time (0 past L)
+        for (int c = 0; c < Dh / W; ++c) {
+          v16 block[W];
+          for (int i = 0; i < W; ++i)
+            block[i] = j0 + i < L ? load16(qkv + (first + j0 + i) * ld_in + D + h * Dh + c * W) : v16{};
+          transpose(block);
+          for (int i = 0; i < W; ++i) store16(block[i], kt.data() + (c * W + i) * Lp + j0);
+        }
       const T* q0 = qkv + first * ld_in + h * Dh;
       T* o0 = out + first * ld_out + h * Dh;
       if (Dh == 32) attend_head_blocks<T, 32>(Lp / W, q0, ld_in, o0, ld_out, L, scale, kt.data(), Lp, vv.data(), p.data());
