@@ -1,9 +1,11 @@
 """ctxvec.engine.native: the compiled kernels (self-attention over packed rows, the bf16 GELU table)."""
 
+import fnmatch
 import importlib
 import math
 import platform
 import shutil
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -338,3 +340,13 @@ def test_the_feed_forwards_bf16_gelu_is_the_table_after_the_bare_projection():
     with torch.inference_mode():
         route = choose(torch.randn(2, 8, 64).bfloat16(), layer, torch.ones(2, 8, dtype=torch.bool))
     assert "GELU by ctxvec's bf16 table" in route.reason
+
+
+def test_every_file_the_build_reads_is_shipped_in_the_package():
+    """A wheel carries the kernels' sources and headers (pyproject's package data), not only a checkout."""
+    package = Path(native.__file__).parents[2]  # src/ctxvec
+    config = tomllib.loads((package.parents[1] / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["ctxvec"]
+    for path in native.SOURCES + native.HEADERS:
+        relative = path.relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(relative, pattern) for pattern in patterns), relative

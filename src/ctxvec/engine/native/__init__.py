@@ -2,9 +2,9 @@
 
 - ``packed_attention.cpp`` attends each sequence of a packed batch over its own rows, straight
   from the fused QKV projection's output (``packed_attention``);
-- ``gelu.cpp``: GELU of bf16 values by a table of all 65,536 (``gelu_``).
+- ``gelu.cpp``: GELU of bf16 values by a table of all 65,536 (``gelu_``);
 
-They are compiled together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
+with ``vec16.h``, the vector helpers the first is written with. They are compiled together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
 with ``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
 library per sources, compiler and CPU (a machine with another CPU builds its own), and loaded
 with ``ctypes`` (no Python extension, no PyTorch headers: it builds in about 3 s;
@@ -33,6 +33,7 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "gelu.cpp"))
+HEADERS = (Path(__file__).with_name("vec16.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 HEAD_WIDTHS = (32, 64)  # the head widths the kernel is written for
 _FUNCTIONS = {torch.float32: "ctxvec_packed_attention_f32", torch.bfloat16: "ctxvec_packed_attention_bf16"}
@@ -69,7 +70,7 @@ def _run(command: list[str], timeout: float) -> subprocess.CompletedProcess:
 def _build(compiler: list[str]) -> Path:
     """The library for these sources, compiler and CPU: from the cache, else compiled into it."""
     version = _run([*compiler, "--version"], 30).stdout
-    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES), " ".join(FLAGS).encode(),
+    key = hashlib.sha256(b"\0".join([*(source.read_bytes() for source in SOURCES + HEADERS), " ".join(FLAGS).encode(),
                                      version.encode(), _cpu_identity().encode()]))
     target = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if target.exists():
@@ -206,3 +207,4 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
                          f"(contiguous: {x.is_contiguous()}).")
     lib.ctxvec_gelu_bf16_(x.data_ptr(), x.numel(), torch.get_num_threads())
     return x
+

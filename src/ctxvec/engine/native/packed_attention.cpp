@@ -7,16 +7,14 @@
 // step that needs the sequences apart; PyTorch's kernels want them padded to (B, H, T, Dh), so
 // the Python route gathers the rows into that layout, attends with a mask, and gathers them
 // back. Here each sequence attends over its own rows: no padding, no mask, no gathers, and the
-// scores stay in fp32 registers. For the short sequences of text this is 1.6-5x faster than those
-// steps on an AMX Xeon (one thread; engine/attention.py has the figures and the rule);
+// scores stay in fp32 registers. For the short sequences of text this is 2.2-8x (fp32) and 2.4-2.8x
+// (bf16) faster than those steps on an AMX Xeon (one thread; engine/attention.py has the figures and the rule);
 // ctxvec.engine.native compiles it for the CPU at hand.
 //
 // Numbers: Q·Kᵀ, softmax and P·V in fp32 whatever the input (bf16 inputs widened exactly, the
 // output rounded to bf16 once, to nearest even); e^x by Cephes' expf polynomial (~1 ulp).
-// Written with GCC/Clang vector extensions: 16 floats a vector, one AVX-512 register. Without
-// AVX-512 it builds and computes the same numbers, but slowly (GCC 12 splits the arithmetic
-// into AVX2 halves, yet compares and selects lane by lane): the route's rule
-// (engine/attention.py) takes it only on CPUs where it is measured faster.
+// Written with GCC/Clang vector extensions (vec16.h: slow without AVX-512, so the route's rule,
+// engine/attention.py, takes it only on CPUs where it is measured faster).
 //
 // Letters: L a sequence's tokens, Lp L rounded up to W, Dh head width, H heads, D = H * Dh,
 // NB key blocks of W (Lp / W), RB query rows computed together.
@@ -24,33 +22,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <vector>
+
+#include "vec16.h"
 
 namespace {
 
-typedef float v16 __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef uint16_t v16h __attribute__((vector_size(32)));
-constexpr int W = 16;
+using namespace ctxvec;
 constexpr int MAX_BLOCKS = 16;  // the longest sequence: MAX_BLOCKS * W tokens
-
-inline v16 splat(float x) { return v16{} + x; }
-
-// Loads and stores of 16 values, widened to / rounded from fp32.
-inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
-inline v16 load16(const uint16_t* p) {  // bf16 -> fp32: the bits move up, exactly
-  v16h h; std::memcpy(&h, p, sizeof h);
-  return (v16)(__builtin_convertvector(h, v16u) << 16);
-}
-inline void store16(v16 v, float* p) { std::memcpy(p, &v, sizeof v); }
-inline void store16(v16 v, uint16_t* p) {  // fp32 -> bf16, to nearest even (inputs are finite)
-  v16u u = (v16u)v;
-  u += 0x7FFFu + ((u >> 16) & 1u);
-  v16h h = __builtin_convertvector(u >> 16, v16h);
-  std::memcpy(p, &h, sizeof h);
-}
 
 // e^x for x <= 0: x = n ln2 + r, e^r by Cephes' polynomial, 2^n into the exponent bits.
 inline v16 exp_nonpositive(v16 x) {
@@ -68,19 +47,6 @@ inline v16 exp_nonpositive(v16 x) {
   p = p * r * r + r + 1.0f;
   v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
   return p * (v16)e;
-}
-
-const v16i LANE{0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
-
-// The max and the sum of a vector's lanes, by halving: each lane meets the lane k apart.
-inline v16 lanes_apart(v16 v, int k) { return __builtin_shuffle(v, LANE ^ k); }
-inline float max_of(v16 v) {
-  for (int k = 8; k; k >>= 1) { const v16 w = lanes_apart(v, k); v = v > w ? v : w; }
-  return v[0];
-}
-inline float sum_of(v16 v) {
-  for (int k = 8; k; k >>= 1) v += lanes_apart(v, k);
-  return v[0];
 }
 
 // rows[i][l] <- rows[l][i]: the off-diagonal blocks of 8, 4, 2 and 1 lanes swapped in turn,
