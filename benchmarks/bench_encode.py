@@ -45,10 +45,10 @@ from common import (  # noqa: E402
 
 import ctxvec  # noqa: E402
 from ctxvec import EncoderStack  # noqa: E402
-from ctxvec.pipeline import (  # noqa: E402
-    DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape)
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
-from ctxvec.engine.batching import padded_width  # noqa: E402
+from ctxvec.engine.batching import (  # noqa: E402
+    DEFAULT_BATCH_TOKENS, default_batch_tokens, length_sorted_batches, padded_shape, padded_width)
+from ctxvec.engine.runtime import precision_dtype  # noqa: E402
 
 
 @dataclass
@@ -73,8 +73,9 @@ def ctxvec_slots(lengths, max_len: int, dtype: torch.dtype) -> int:
     """B * T summed over the batches Pipeline pads (attention's view; its matmuls skip padding)."""
     total = 0
     width_of = partial(padded_width, dtype=dtype)
-    for b in length_sorted_batches(lengths, DEFAULT_BATCH_TOKENS, width_of):
-        rows, width = padded_shape(max(lengths[i] for i in b), len(b), DEFAULT_BATCH_TOKENS, max_len, width_of)
+    budget = default_batch_tokens(dtype)
+    for b in length_sorted_batches(lengths, budget, width_of):
+        rows, width = padded_shape(max(lengths[i] for i in b), len(b), budget, max_len, width_of)
         total += rows * width
     return total
 
@@ -337,7 +338,8 @@ def main() -> None:
     result = {"machine": facts, "threads": args.threads, "corpus": args.corpus.name, "lines": args.lines,
               "passages": args.passages, "tokens_per_text": statistics.median(full_lengths(sample)),
               "seed_lines": args.seed_lines, "bf16_lines": bf16_lines, "rounds": args.rounds,
-              "batch_tokens": DEFAULT_BATCH_TOKENS, "date": time.strftime("%Y-%m-%d"),
+              "batch_tokens": {p: default_batch_tokens(precision_dtype(p)) for p in ("fp32", "bf16")},
+              "date": time.strftime("%Y-%m-%d"),
               "matmul_limits": {f"{m} {p}": v for (m, p), v in limits.items()},
               "matmul_routes": {f"{m} {p}": by for (m, p), by in routes.items()}, "systems": rows, "ratios": ratios}
     name = "bench_encode_passages" if args.passages else "bench_encode"
@@ -364,7 +366,9 @@ def markdown(r: dict) -> str:
             f"joined (MiniLM; median {r['tokens_per_text']:.0f} tokens, cut to its 256)")
            + f", the first {r['seed_lines']} of them "
            f"(seed config), the first {r['bf16_lines']} for bf16; median of {r['rounds']} rounds "
-           f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, {r['batch_tokens']} tokens. "
+           f"(bf16 without native support: 1 round); ctxvec batches: length-sorted, "
+           + (f"{r['batch_tokens']} tokens. " if isinstance(r['batch_tokens'], int) else
+              " and ".join(f"{n} tokens in {p}" for p, n in r['batch_tokens'].items()) + " (its defaults). ") +
            "Padding in batches: padded share of the (B, T) batches; ctxvec's matrix multiplies skip it "
            "(packed tokens), only its attention sees it.",
            "Matmul limit: the model's own GEMMs (QKV, out, FFN) at 1024 tokens, measured in the same run by "

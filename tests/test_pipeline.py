@@ -215,3 +215,37 @@ def test_short_calls_trim_the_heap_at_most_once_an_interval(monkeypatch, texts, 
     pipeline.embed(_texts(texts, seed=4), batch_tokens=64)
     want = pipeline_module.TRIM_INTERVAL if interval == "TRIM_INTERVAL" else interval
     assert asked == [want] and pipeline_module.TRIM_INTERVAL > 0
+
+
+@pytest.mark.parametrize("amx", [True, False])
+def test_the_default_budget_is_the_precisions_on_this_cpu(monkeypatch, amx):
+    """bf16 on a CPU with AMX batches 2048 tokens (measured faster there), everything else 1024;
+    a call's own budget still wins, and the default is the one a call without one uses."""
+    import ctxvec.engine.batching as batching
+
+    monkeypatch.setattr(batching, "cpu_has_amx", lambda: amx)
+    assert batching.default_batch_tokens(torch.float32) == batching.DEFAULT_BATCH_TOKENS == 1024
+    assert batching.default_batch_tokens(torch.bfloat16, "cuda") == 1024
+    assert batching.default_batch_tokens(torch.bfloat16) == (2048 if amx else 1024)
+    pipeline, texts = _tiny_pipeline(), _texts(200)
+    assert pipeline.batch_tokens == 1024
+    pipeline.encoder.to(torch.bfloat16)
+    assert pipeline.batch_tokens == (2048 if amx else 1024)
+    pipeline.encoder.float()
+    monkeypatch.setattr(batching, "DEFAULT_BATCH_TOKENS", 128)  # a small default, to see it used
+    _, default_shapes = _batch_shapes(pipeline, texts)
+    _, shapes_128 = _batch_shapes(pipeline, texts, batch_tokens=128)
+    # (streams may finish the batches in another order)
+    assert sorted(default_shapes) == sorted(shapes_128) and all(rows * width <= 128 for rows, width in shapes_128)
+
+
+def test_packed_rows_come_in_buckets_that_coarsen_with_the_rows():
+    """Up to 1,024 rows every multiple of 32; above, steps of 64: at most 48 row counts up to 2,048
+    (oneDNN keeps a kernel per shape), spare rows under 1/16 of the rows there."""
+    from ctxvec.engine.packing import bucket_rows
+
+    buckets = [bucket_rows(n, 32) for n in range(1, 2049)]
+    assert all(b >= n and b % 32 == 0 for n, b in enumerate(buckets, start=1))
+    assert len(set(buckets[:1024])) == 32 and len(set(buckets)) == 48
+    assert all((b - n) / n < 1 / 16 for n, b in enumerate(buckets, start=1) if n > 1024)
+    assert [bucket_rows(n, 1) for n in (1, 7, 1500)] == [1, 7, 1500] and bucket_rows(0, 32) == 0

@@ -366,3 +366,15 @@ def test_bad_settings_are_one_clear_error(field, bad):
 
     with pytest.raises(ValueError, match=f"{field} must be a positive"):
         ServeSettings(**{field: bad})
+
+
+@pytest.mark.parametrize("budget", [None, 96])
+def test_the_workers_budget_is_the_pipelines_unless_set(budget):
+    """No --batch-tokens: the server batches by its pipeline's budget (2048 for bf16 on an AMX
+    CPU, else 1024), as ``Pipeline.embed`` does; a set one wins."""
+    from ctxvec.serve import ServeSettings
+    from ctxvec.serve.app import ServerState
+
+    pipeline = ctxvec.load("seed")
+    state = ServerState(pipeline, ServeSettings(batch_tokens=budget))
+    assert state.worker.batch_tokens == (pipeline.batch_tokens if budget is None else budget)

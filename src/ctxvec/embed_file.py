@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.engine.distributed import Dist, PeerStopped
 from ctxvec.files import OutputError, atomic_write_text, exclusive_lock, format_bytes, fsync_dir, write_error
 from ctxvec.validation import is_int
@@ -112,7 +111,7 @@ def progress_records(output: Path) -> list[Path]:
 
 
 def embed_file(pipeline: Pipeline, path: str | Path, output: str | Path, *, fmt: FileFormat = "auto",
-               batch_tokens: int = DEFAULT_BATCH_TOKENS, strict: bool = False, resume: bool = False,
+               batch_tokens: int | None = None, strict: bool = False, resume: bool = False,
                chunk_size: int = DEFAULT_CHUNK, on_progress: Callable[[int, int], None] | None = None,
                processes: Dist | None = None) -> EmbedFileResult:
     """Write the sentence vectors of every line of ``path`` to ``output`` (.npy, float32, in order).
@@ -137,6 +136,7 @@ def embed_file(pipeline: Pipeline, path: str | Path, output: str | Path, *, fmt:
         is work to keep), EmbedInterrupted (KeyboardInterrupt; the partial output is kept).
     """
     output = Path(output)
+    batch_tokens = pipeline.batch_tokens if batch_tokens is None else batch_tokens
     if output.suffix != ".npy":
         raise ValueError(f"the output must be a .npy file, got {output}.")
     if not is_int(chunk_size) or chunk_size < 1:

@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 from scipy import stats
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.pairs import ScoredPairs, read_scored_pairs
 from ctxvec.pipeline import Pipeline
 
@@ -42,7 +41,7 @@ class PairsEvaluation:
         return asdict(self)
 
 
-def pair_cosines(pipeline: Pipeline, pairs: ScoredPairs, batch_tokens: int = DEFAULT_BATCH_TOKENS
+def pair_cosines(pipeline: Pipeline, pairs: ScoredPairs, batch_tokens: int | None = None
                  ) -> tuple[np.ndarray, int]:
     """(the cosine of each pair's two sentence vectors, how many of the 2n texts were truncated).
 
@@ -70,14 +69,14 @@ def correlations(predicted: np.ndarray, gold: np.ndarray, source: str = "pairs")
 
 
 def evaluate_pairs(pipeline: Pipeline, pairs: str | Path | ScoredPairs | Iterable[tuple[str, str, float]],
-                   batch_tokens: int = DEFAULT_BATCH_TOKENS) -> PairsEvaluation:
+                   batch_tokens: int | None = None) -> PairsEvaluation:
     """Spearman and Pearson (x100) between the cosine of each pair's sentence vectors and its score.
 
     Args:
         pipeline: the model (``ctxvec.load(...)``).
         pairs: a CSV/TSV file of ``sentence1, sentence2, score`` rows (``ctxvec.pairs``), a
             ``ScoredPairs``, or (sentence1, sentence2, score) tuples.
-        batch_tokens: padded tokens per forward pass.
+        batch_tokens: padded tokens per forward pass (None: the pipeline's budget).
 
     Example:
         >>> result = evaluate_pairs(ctxvec.load("minilm"), "stsb_en_dev.csv")  # doctest: +SKIP

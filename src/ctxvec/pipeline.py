@@ -15,7 +15,7 @@ from typing import TypeVar
 import numpy as np
 import torch
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS, length_sorted_batches, padded_shape, padded_width
+from ctxvec.engine.batching import default_batch_tokens, length_sorted_batches, padded_shape, padded_width
 from ctxvec.engine.linear import repack_weights
 from ctxvec.engine.route import route_for
 from ctxvec.engine.runtime import native_bf16, precision_dtype, release_memory
@@ -158,6 +158,13 @@ class Pipeline:
         return self
 
     @property
+    def batch_tokens(self) -> int:
+        """The token budget of a forward pass when a call names none (``engine.batching``: 2048
+        for bf16 on a CPU with AMX, else 1024)."""
+        weight = next(self.encoder.parameters())
+        return default_batch_tokens(weight.dtype, weight.device)
+
+    @property
     def max_len(self) -> int:
         return self.tokenizer.max_len
 
@@ -173,6 +180,7 @@ class Pipeline:
         length-sorted batch, in order; the batches run in streams (``engine.streams``) and
         ``finish`` with them. ``trim``: give freed heap memory back to the system at the end
         (``release_memory``)."""
+        batch_tokens = self.batch_tokens if batch_tokens is None else batch_tokens
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
         lengths = [len(e.ids) for e in encoded]
@@ -218,33 +226,33 @@ class Pipeline:
             return StreamPlan(1, torch.get_num_threads())
         return plan_streams(batches, torch.get_num_threads(), self.streams)
 
-    def encode(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def encode(self, texts: Iterable[str], *, batch_tokens: int | None = None,
                strict: bool = False) -> list[TokenVectors]:
         """Context vectors for every token of every text, in input order.
 
         Args:
             texts: the texts.
-            batch_tokens: padded tokens per forward pass (the vectors move by at most 1e-6 in
-                fp32, 3e-3 in bf16, with it: the order of floating-point sums, and in bf16 which
-                attention kernel the batch's width takes).
+            batch_tokens: padded tokens per forward pass (None: ``self.batch_tokens``; the vectors
+                move by at most 1e-6 in fp32, 3e-3 in bf16, with it: the order of floating-point
+                sums, and in bf16 which attention kernel the batch's width takes).
             strict: raise instead of truncating a text over the length limit, or of encoding a
                 text without a single token (``ctxvec.tokenizer.StrictError``).
         """
         texts = as_texts(texts)
         return self.token_vectors(texts, self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
 
-    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def embed_with_details(self, texts: Iterable[str], *, batch_tokens: int | None = None,
                            strict: bool = False) -> SentenceVectors:
         """Sentence vectors (the model's own pooling and normalisation) and truncation facts."""
         return self.sentence_vectors(self.tokenizer.tokenize(texts, strict=strict), batch_tokens)
 
-    def embed(self, texts: Iterable[str], *, batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def embed(self, texts: Iterable[str], *, batch_tokens: int | None = None,
               strict: bool = False) -> np.ndarray:
         """(n, d_model) float32 sentence vectors, in input order (see ``embed_with_details``)."""
         return self.embed_with_details(texts, batch_tokens=batch_tokens, strict=strict).vectors
 
     # ---- from texts already tokenized (``tokenizer.tokenize``): what a server batches -----------
-    def sentence_vectors(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def sentence_vectors(self, encoded: Sequence[Encoded], batch_tokens: int | None = None,
                          on_batch: Callable[[BatchShape], None] | None = None) -> SentenceVectors:
         """``embed_with_details`` of tokenized texts; ``on_batch`` hears of every forward pass."""
         vectors = np.zeros((len(encoded), self.dim), dtype=np.float32)
@@ -258,7 +266,7 @@ class Pipeline:
         )
 
     def token_vectors(self, texts: Sequence[str], encoded: Sequence[Encoded],
-                      batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                      batch_tokens: int | None = None,
                       on_batch: Callable[[BatchShape], None] | None = None) -> list[TokenVectors]:
         """``encode`` of tokenized texts (``texts`` are kept on the results)."""
         results: list[TokenVectors | None] = [None] * len(encoded)
@@ -268,7 +276,7 @@ class Pipeline:
         return results  # type: ignore[return-value]
 
     # ---- batch by batch, as each forward pass ends (a server answers requests as they are done) --
-    def sentence_vector_batches(self, encoded: Sequence[Encoded], batch_tokens: int = DEFAULT_BATCH_TOKENS,
+    def sentence_vector_batches(self, encoded: Sequence[Encoded], batch_tokens: int | None = None,
                                 on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                                 ) -> Iterator[tuple[list[int], np.ndarray]]:
         """(indices into ``encoded``, their sentence vectors (len(indices), D)) per forward pass.
@@ -281,7 +289,7 @@ class Pipeline:
                                  on_batch, trim)
 
     def token_vector_batches(self, texts: Sequence[str], encoded: Sequence[Encoded],
-                             batch_tokens: int = DEFAULT_BATCH_TOKENS,
+                             batch_tokens: int | None = None,
                              on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                              ) -> Iterator[tuple[list[int], list[TokenVectors]]]:
         """(indices into ``encoded``, their ``TokenVectors``) per forward pass (the arguments as

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import click
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.engine.distributed import PeerStopped
 from ctxvec.engine.runtime import PRECISIONS, set_threads
 from ctxvec.files import OutputError
@@ -93,9 +92,9 @@ def model_options(command):
                           "AVX512-BF16/AMX and on GPUs."),
         click.option("--threads", type=click.IntRange(min=1), default=None,
                      help="CPU threads for PyTorch (default: PyTorch's choice)."),
-        click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS,
-                     show_default=True, help="Padded tokens per forward pass (a memory cap; the vectors move by "
-                                                "at most 1e-6 in fp32 with it, see the README)."),
+        click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+                     help="Padded tokens per forward pass (a memory cap; default: 2048 for bf16 on a CPU with "
+                          "AMX, else 1024; the vectors move by at most 1e-6 in fp32 with it, see the README)."),
     ]
     for option in reversed(options):
         command = option(command)

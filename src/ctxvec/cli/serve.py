@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 import click
 
 from ctxvec.cli.app import load_pipeline, main
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.engine.runtime import PRECISIONS, set_threads
 
 WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokenizer"]
@@ -24,8 +23,8 @@ WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokeni
               help="Port (0: a free one; the URL printed says which).")
 @click.option("--precision", type=click.Choice(list(PRECISIONS)), default="fp32", show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="CPU threads for PyTorch.")
-@click.option("--batch-tokens", type=click.IntRange(min=1), default=DEFAULT_BATCH_TOKENS, show_default=True,
-              help="Padded tokens per forward pass.")
+@click.option("--batch-tokens", type=click.IntRange(min=1), default=None,
+              help="Padded tokens per forward pass (default: 2048 for bf16 on a CPU with AMX, else 1024).")
 @click.option("--streams", type=click.IntRange(min=1), default=None,
               help="Batches computed side by side under load (default: one per thread; 1: one at a time).")
 @click.option("--max-queue-tokens", type=click.IntRange(min=1), default=262_144, show_default=True,
@@ -40,7 +39,7 @@ WARM_UP = ["warm up", "the kernels for a few batch shapes " * 4, "and the tokeni
               help="On SIGTERM/SIGINT, seconds to let requests in flight finish.")
 @click.option("--api-key", envvar="CTXVEC_API_KEY", default=None, show_envvar=True,
               help="Require 'Authorization: Bearer KEY' on every endpoint but /health.")
-def serve(model: str, host: str, port: int, precision: str, threads: int | None, batch_tokens: int,
+def serve(model: str, host: str, port: int, precision: str, threads: int | None, batch_tokens: int | None,
           streams: int | None, max_queue_tokens: int, max_inputs: int, max_request_bytes: int, timeout: float, drain_timeout: float,
           api_key: str | None) -> None:
     """Serve MODEL over HTTP: OpenAI's POST /v1/embeddings, POST /v1/encode, GET /v1/models,

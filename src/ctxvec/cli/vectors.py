@@ -30,7 +30,7 @@ def _compact(vector: np.ndarray, n: int = 4) -> str:
 @click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
               help="Write every vector: .npy (one text), .npz (one array per text) or .json.")
 @click.option("--strict", is_flag=True, help="Fail on a text over the length limit instead of truncating it.")
-def encode(texts: tuple[str, ...], model: str, precision: str, threads: int | None, batch_tokens: int,
+def encode(texts: tuple[str, ...], model: str, precision: str, threads: int | None, batch_tokens: int | None,
            output: Path | None, strict: bool) -> None:
     """Print each token of TEXTS with a compact view of its context vector.
 
@@ -93,7 +93,7 @@ def _write_vectors(path: Path, results: list, model: str) -> None:
 @click.option("--nproc", type=click.IntRange(min=1), default=1, show_default=True,
               help="Processes on this machine, each embedding a range of the file (runs torchrun for you); "
                    "for several machines, run torchrun yourself with an output folder they all see.")
-def embed(file: Path, output: Path, model: str, precision: str, threads: int | None, batch_tokens: int,
+def embed(file: Path, output: Path, model: str, precision: str, threads: int | None, batch_tokens: int | None,
           fmt: str, strict: bool, resume: bool, chunk_size: int, nproc: int) -> None:
     """Embed FILE, one text per line, into sentence vectors written in input order.
 
@@ -178,7 +178,7 @@ def _signals_as_interrupt():
 @click.argument("pairs", type=click.Path(dir_okay=False, path_type=Path))
 @model_options
 @click.option("--json", "as_json", is_flag=True, help="Print the figures as one JSON object.")
-def evaluate(pairs: Path, model: str, precision: str, threads: int | None, batch_tokens: int, as_json: bool) -> None:
+def evaluate(pairs: Path, model: str, precision: str, threads: int | None, batch_tokens: int | None, as_json: bool) -> None:
     """How well the cosine of sentence vectors follows human similarity scores.
 
     PAIRS is a CSV or TSV file of `sentence1, sentence2, score` rows (header optional), such as

@@ -13,13 +13,26 @@ from collections.abc import Callable, Iterator, Sequence
 import torch
 
 from ctxvec.engine.attention import aligned_width
+from ctxvec.engine.runtime import cpu_has_amx
 
 # Padded tokens per forward pass. On a 2-core CPU, batches of ~1k tokens keep the activations
 # in cache (benchmarks/bench_encode.py measured 1024 ahead of 2048 and 8192 for MiniLM; at
-# 2048 large fp32 temporaries start to cost page faults). bf16 at 2048 ran 1.09-1.13x faster
-# on an AMX Xeon (2 streams), but with twice the row buckets a 100,000-line `ctxvec embed` grew
-# by 116 MB after its first quarter (1024: ~50 MB): the budget stays one for every precision.
+# 2048 large fp32 temporaries start to cost page faults, and fp32 on an AMX Xeon runs level).
 DEFAULT_BATCH_TOKENS = 1024
+# bf16 on a CPU with AMX: 2048. Its matrix multiplies are short, so per-batch costs (each
+# operator's start and its threads' fork and join, Python between them) weigh, and half as
+# many batches pay them half as often: MiniLM on 1,500 lines, 2 threads, same process,
+# alternating, 1.16x faster with 2 streams, 1.18x in one stream. With the row buckets coarser
+# above 1,024 rows (``engine.packing.bucket_rows``: 48 up to 2,048, not 64) a 100,000-line
+# ``ctxvec embed`` grew by 47 MB after its first quarter (1024: 37 MB), then levelled.
+AMX_BF16_BATCH_TOKENS = 2048
+
+
+def default_batch_tokens(dtype: torch.dtype, device: torch.device | str = "cpu") -> int:
+    """The token budget a pipeline in ``dtype`` on ``device`` batches by unless told otherwise:
+    ``AMX_BF16_BATCH_TOKENS`` for bf16 on a CPU with AMX, else ``DEFAULT_BATCH_TOKENS``."""
+    on_cpu = torch.device(device).type == "cpu"
+    return AMX_BF16_BATCH_TOKENS if on_cpu and dtype == torch.bfloat16 and cpu_has_amx() else DEFAULT_BATCH_TOKENS
 # Batches are padded to a width that is a multiple of this, and to as many rows as the budget
 # allows at that width (rows of padding only): attention's matrix multiplies then come in at
 # most max_len / 4 shapes. oneDNN, which runs them in bf16, compiles and keeps a kernel per

@@ -15,11 +15,25 @@ from dataclasses import dataclass, field
 import torch
 
 
+BUCKETS_PER_DOUBLING = 32  # above 32 multiples, row buckets grow with the rows: 1024-2048 in steps of 64
+
+
+def bucket_rows(n: int, multiple: int) -> int:
+    """``n`` rows rounded up to a bucket: a multiple of ``multiple`` up to ``BUCKETS_PER_DOUBLING``
+    of them, then of a power of two times it, so that each doubling of the rows above holds that
+    many buckets (there the spare rows stay under 1/16 of the rows). oneDNN keeps a kernel per
+    matrix shape: a budget of 2,048 tokens then meets 48 row counts, not 64."""
+    if multiple <= 1 or n <= 0:
+        return n
+    step = max(multiple, (1 << (n - 1).bit_length()) // BUCKETS_PER_DOUBLING)
+    return -(-n // step) * step
+
+
 @dataclass
 class TokenPacking:
     """Where the real tokens of a padded (B, T) batch are, to pack them as (R, C) rows.
 
-    Rows N..R-1 (R = N rounded up to ``row_multiple``) are spare copies of real tokens that
+    Rows N..R-1 (R = ``bucket_rows(N, row_multiple)``) are spare copies of real tokens that
     nothing reads: they keep the matrix shapes to a few buckets (see ``engine.linear``).
     """
 
@@ -34,11 +48,11 @@ class TokenPacking:
 
     @classmethod
     def from_mask(cls, real: torch.Tensor, row_multiple: int = 1) -> TokenPacking:
-        """real: (B, T) bool, True = real token; the packed rows are a multiple of ``row_multiple``."""
+        """real: (B, T) bool, True = real token; the packed rows: ``bucket_rows(N, row_multiple)``."""
         flat = real.flatten()
         index = flat.nonzero().squeeze(1)  # (N,)
         n = len(index)
-        r = -(-n // row_multiple) * row_multiple
+        r = bucket_rows(n, row_multiple)
         gather = index if r == n else index[torch.arange(r, device=index.device) % n]
         sources = torch.zeros_like(flat, dtype=torch.long).index_copy_(
             0, index, torch.arange(n, device=index.device))

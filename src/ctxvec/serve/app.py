@@ -29,7 +29,6 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from ctxvec.engine.batching import DEFAULT_BATCH_TOKENS
 from ctxvec.validation import is_int, is_real
 from ctxvec.pipeline import Pipeline, TokenVectors
 from ctxvec.serve.metrics import Metrics
@@ -52,7 +51,8 @@ class ServeSettings:
     """The server's limits (``ctxvec serve --help`` has them as flags).
 
     Attributes:
-        batch_tokens: padded tokens per forward pass.
+        batch_tokens: padded tokens per forward pass (None: the pipeline's budget, 2048 for bf16
+            on a CPU with AMX, else 1024).
         max_queue_tokens: tokens that may wait for the model; past it, 429 with Retry-After.
         max_inputs: texts in one request; past it, 413.
         max_request_bytes: bytes of one request body; past it, 413.
@@ -62,7 +62,7 @@ class ServeSettings:
             batch at a time on all threads; see ``serve.worker``).
     """
 
-    batch_tokens: int = DEFAULT_BATCH_TOKENS
+    batch_tokens: int | None = None
     max_queue_tokens: int = 262_144
     max_inputs: int = 2048
     max_request_bytes: int = 16 * 2**20
@@ -72,7 +72,8 @@ class ServeSettings:
 
     def __post_init__(self) -> None:
         for name in ("batch_tokens", "max_queue_tokens", "max_inputs", "max_request_bytes"):
-            if not is_int(getattr(self, name)) or getattr(self, name) < 1:
+            if (name != "batch_tokens" or self.batch_tokens is not None) and (
+                    not is_int(getattr(self, name)) or getattr(self, name) < 1):
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
         if not is_real(self.timeout) or self.timeout <= 0:
             raise ValueError(f"timeout must be a positive number of seconds, got {self.timeout!r}.")
@@ -88,7 +89,8 @@ class ServerState:
     def __init__(self, pipeline: Pipeline, settings: ServeSettings) -> None:
         self.pipeline, self.settings = pipeline, settings
         self.metrics = Metrics()
-        self.worker = InferenceWorker(pipeline, settings.batch_tokens, settings.max_queue_tokens,
+        batch_tokens = pipeline.batch_tokens if settings.batch_tokens is None else settings.batch_tokens
+        self.worker = InferenceWorker(pipeline, batch_tokens, settings.max_queue_tokens,
                                       events=self.metrics.events(), streams=settings.streams)
         self.draining = False
         self.in_flight = 0  # requests received and not yet answered (the Door counts them)
