@@ -14,7 +14,8 @@ import torch
 import ctxvec
 import ctxvec.serve.worker as worker_module
 from ctxvec.engine.batching import padded_width as width_in
-from ctxvec.serve.worker import InferenceWorker, QueueFull, TooBig, WorkerEvents, batch_around_oldest
+from ctxvec.serve.worker import (InferenceWorker, QueueFull, TooBig, WorkerEvents, batch_around_oldest,
+                                 share_tokens)
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -219,3 +220,31 @@ def test_an_idle_worker_gives_memory_back_after_a_while_not_after_every_request(
 def test_streams_must_be_a_positive_integer(tiny, bad):
     with pytest.raises(ValueError, match="streams must be a positive integer"):
         InferenceWorker(tiny, batch_tokens=64, max_queue_tokens=100, streams=bad)
+
+
+@pytest.mark.parametrize("widths, budget, streams, expected", [
+    ([40] * 32, 2048, 1, 2048),     # one stream: the budget
+    ([40] * 200, 2048, 2, 2048),    # a full batch for each stream: the budget
+    ([40] * 10, 2048, 2, 2048),     # 400 tokens: under 2 x 256, one batch
+    ([40] * 32, 2048, 2, 800),      # 1,280 tokens: each stream's share, a quarter over half
+    ([40] * 32, 600, 2, 600),       # never over the budget
+], ids=["one stream", "loaded", "small", "lone request", "capped"])
+def test_a_lone_request_is_shared_among_the_streams(widths, budget, streams, expected):
+    assert share_tokens(widths, budget, streams) == expected
+
+
+def test_a_lone_request_of_many_texts_runs_in_every_stream(tiny, two_threads):
+    """32 texts alone with a budget that holds them all: two batches, computed side by side, with
+    the pipeline's numbers; 4 short texts alone: one batch."""
+    texts = [" ".join(["light", "darkness", "waters"] * (5 + i % 7)) for i in range(32)]
+    events = Recorder()
+    worker = InferenceWorker(tiny, batch_tokens=4096, max_queue_tokens=10**6, events=events, streams=2).start()
+    try:
+        got = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts)).future.result(timeout=60)
+        assert len(events.batches) == 2 and sum(b.texts for b in events.batches) == 32
+        assert np.abs(np.stack(got) - tiny.embed(texts)).max() < 1e-6
+        events.batches.clear()
+        worker.submit("embed", texts[:4], tiny.tokenizer.tokenize(texts[:4])).future.result(timeout=60)
+        assert len(events.batches) == 1
+    finally:
+        worker.stop()

@@ -5,7 +5,8 @@ The worker keeps one pool of the texts still to compute, whatever request they c
 before every forward pass it takes in the jobs that arrived meanwhile (continuous batching: a
 request never waits for the batch at hand to finish before it can join the next one). Each batch
 is built around the oldest text in the pool: its neighbours in length, under the token budget, so
-that padding stays small and no text waits behind more than the texts older than it. A job is
+that padding stays small and no text waits behind more than the texts older than it (where what
+waits would not give every stream a full batch, under one stream's share: ``share_tokens``). A job is
 answered, in its own order, as soon as its last text is done. The worker wakes as soon as a job
 arrives: a request never waits for a full batch when the worker is idle.
 
@@ -51,6 +52,7 @@ log = logging.getLogger(__name__)
 
 Kind = Literal["embed", "encode"]
 POOL_WINDOW = 4096  # the oldest texts a batch is chosen from (a full pool would cost a sort per batch)
+MIN_SHARE_TOKENS = 256  # below this many padded tokens a stream's share of a lone request, it stays whole
 TRIM_EVERY = 10.0  # seconds between giving freed memory back under constant load
 IDLE_TRIM_AFTER = 1.0  # seconds idle before freed memory goes back
 SIDE_BY_SIDE_MEMORY = 1.0  # seconds after batches last ran side by side that a lone one still takes its share
@@ -106,6 +108,26 @@ class WorkerEvents:
     on_batch: Callable[[BatchShape], None] = lambda shape: None  # every forward pass
     on_computed: Callable[[int, float], None] = lambda tokens, seconds: None  # a forward pass: tokens, time
     on_dropped: Callable[[str, int], None] = lambda reason, texts: None  # texts never computed
+
+
+def share_tokens(widths: list[int], batch_tokens: int, streams: int) -> int:
+    """The budget of the next batch, given the padded widths of the texts it may be chosen from:
+    ``batch_tokens``, unless they hold less than a full batch for each of the ``streams``; then
+    each stream's share, a quarter over an equal one (a batch pads its texts to its longest, and
+    a third batch for a remainder would run after the others), so that a lone request of many
+    texts is computed by every stream at once: on 2 AMX Xeon cores in bf16, 32 texts in ~47 ms
+    against ~60 as one batch on both threads, while a loaded server still runs full batches.
+    Texts of less than ``MIN_SHARE_TOKENS`` a stream stay one batch."""
+    if streams < 2:
+        return batch_tokens
+    waiting = 0
+    for width in widths:
+        waiting += width
+        if waiting >= streams * batch_tokens:
+            return batch_tokens
+    if waiting < streams * MIN_SHARE_TOKENS:
+        return batch_tokens
+    return min(batch_tokens, -(-5 * waiting // (4 * streams)))
 
 
 def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int,
@@ -334,11 +356,14 @@ class InferenceWorker:
         return dropped
 
     def _next_batch(self) -> list[Pending]:
-        """The oldest text of the pool, and its neighbours in length of the same kind."""
+        """The oldest text of the pool, and its neighbours in length of the same kind, under the
+        budget; or, where what waits would not give every stream a full batch, under an equal
+        share of it (``share_tokens``)."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
-        chosen = batch_around_oldest([p.length for p in same], 0, self.batch_tokens,  # same[0] is oldest
-                                     self.pipeline.width_rule())
+        width_of = self.pipeline.width_rule()
+        budget = share_tokens([width_of(p.length) for p in same], self.batch_tokens, self.streams)
+        chosen = batch_around_oldest([p.length for p in same], 0, budget, width_of)  # same[0] is oldest
         return [same[i] for i in chosen]
 
     def _compute(self, batch: list[Pending], threads: int) -> list:
