@@ -131,7 +131,7 @@ void attend_head_blocks(int blocks, const T* q0, int64_t ld_in, T* o0, int64_t l
                         const float* kt, int Lp, const float* vv, float* p) {
   switch (blocks) {
     case 1: attend_head<T, 1, 8, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
-    case 2: attend_head<T, 2, 6, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
+    case 2: attend_head<T, 2, 8, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
     case 3: attend_head<T, 3, 4, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
     case 4: attend_head<T, 4, 4, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
     case 5: case 6: attend_head<T, 6, 2, Dh>(q0, ld_in, o0, ld_out, L, scale, kt, Lp, vv, p); break;
