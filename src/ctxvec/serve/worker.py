@@ -36,7 +36,7 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Literal
@@ -110,8 +110,9 @@ class WorkerEvents:
     on_dropped: Callable[[str, int], None] = lambda reason, texts: None  # texts never computed
 
 
-def share_tokens(widths: list[int], batch_tokens: int, streams: int) -> int:
-    """The budget of the next batch, given the padded widths of the texts it may be chosen from:
+def share_tokens(widths: Iterable[int], batch_tokens: int, streams: int) -> int:
+    """The budget of the next batch, given the padded widths of the texts it may be chosen from
+    (read only until they fill a batch for every stream):
     ``batch_tokens``, unless they hold less than a full batch for each of the ``streams``; then
     each stream's share, a quarter over an equal one (a batch pads its texts to its longest, and
     a third batch for a remainder would run after the others), so that a lone request of many
@@ -362,7 +363,7 @@ class InferenceWorker:
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
         width_of = self.pipeline.width_rule()
-        budget = share_tokens([width_of(p.length) for p in same], self.batch_tokens, self.streams)
+        budget = share_tokens((width_of(p.length) for p in same), self.batch_tokens, self.streams)
         chosen = batch_around_oldest([p.length for p in same], 0, budget, width_of)  # same[0] is oldest
         return [same[i] for i in chosen]
 

@@ -139,6 +139,14 @@ def _settle() -> ctypes.CDLL | NativeUnavailable:
         return why
 
 
+def _required() -> ctypes.CDLL:
+    """The loaded library; raises ``NativeUnavailable`` (why there is none) otherwise."""
+    lib = _library()
+    if isinstance(lib, NativeUnavailable):
+        raise lib
+    return lib
+
+
 def reset() -> None:
     """Forget the outcome, so that the next use settles it again (tests change the settings)."""
     with _lock:
@@ -170,9 +178,7 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> t
     sequence: their output is 0); n_heads: H, with D = H * Dh. Returns (R, D), the heads of each
     row concatenated, in qkv's dtype, computed on ``torch.get_num_threads()`` threads.
     """
-    lib = _library()
-    if isinstance(lib, NativeUnavailable):
-        raise lib
+    lib = _required()
     R, C = qkv.shape
     D = C // 3
     Dh = D // n_heads
@@ -199,9 +205,7 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> t
 def gelu_(x: torch.Tensor) -> torch.Tensor:
     """GELU (the erf form) of a contiguous bf16 CPU tensor, in place, each value correctly rounded
     (``gelu.cpp``), on ``torch.get_num_threads()`` threads. Returns ``x``."""
-    lib = _library()
-    if isinstance(lib, NativeUnavailable):
-        raise lib
+    lib = _required()
     if x.device.type != "cpu" or x.dtype != torch.bfloat16 or not x.is_contiguous():
         raise ValueError(f"gelu_ takes a contiguous bf16 CPU tensor, got {x.dtype} on {x.device} "
                          f"(contiguous: {x.is_contiguous()}).")
