@@ -8,7 +8,8 @@ seed's (8 x 64), fp32 and bf16 where it is native, by:
   - ctxvec.model.attention.attention (the eager function that also returns the probabilities),
   - ctxvec.engine.native.packed_attention (ctxvec's kernel, up to its longest sequence): from
     the packed QKV rows to the packed output rows, so its time includes what the others leave
-    out (their inputs are already (B, H, T, Dh): the route gathers them from the rows and back),
+    out (their inputs are already (B, H, T, Dh): the route gathers them from the rows and back);
+    on 16-lane vectors, and in bf16 also on AMX tiles where the CPU has them,
 and checks each against a float64 reference. ``attention.FUSED_CPU_MIN_SCORES`` (per CPU kind)
 is set from these tables; widths between multiples of 16 show the fused kernel's tail blocks
 (ctxvec pads to whole blocks where it runs it, ``attention.FUSED_CPU_WIDTH_MULTIPLE``). Writes
@@ -33,13 +34,14 @@ from common import ROOT, machine, median_seconds, write_results  # noqa: E402
 
 from ctxvec.engine import native  # noqa: E402
 from ctxvec.engine.attention import (  # noqa: E402
-    batched_attention, FUSED_CPU_MIN_SCORES, FUSED_CPU_WIDTH_MULTIPLE, NATIVE_MAX_TOKENS)
+    batched_attention, FUSED_CPU_MIN_SCORES, FUSED_CPU_WIDTH_MULTIPLE, native_max_tokens)
 
 from ctxvec.model.attention import attention  # noqa: E402
 from ctxvec.model.masks import key_mask_from  # noqa: E402
 from ctxvec.engine.runtime import cpu_has_amx, native_bf16  # noqa: E402
 
-LENGTHS = [8, 16, 32, 36, 44, 48, 64, 68, 100, 128, 132, 256, 384, 512]
+LENGTHS = [8, 16, 32, 36, 44, 48, 64, 68, 100, 128, 132, 192, 256, 384, 512]
+TILES = "ctxvec kernel, AMX tiles"
 SHAPES = {"minilm (12 x 32)": (12, 32), "seed (8 x 64)": (8, 64)}
 
 
@@ -61,8 +63,11 @@ def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> di
     rows = torch.cat([t.transpose(1, 2).reshape(B, T, heads * width) for t in (q, k, v)], dim=2)[real]
     starts = torch.cat([torch.zeros(1, dtype=torch.long), real.sum(1).cumsum(0)])
     if native.available() is None and T <= native.max_tokens():
-        routes["ctxvec kernel"] = lambda: native.packed_attention(rows, starts, heads)
-    as_rows = {"ctxvec kernel": lambda out: out, None: lambda out: out.transpose(1, 2).reshape(B, T, -1)[real]}
+        routes["ctxvec kernel"] = lambda: native.packed_attention(rows, starts, heads, on_tiles=False)
+        if dtype == torch.bfloat16 and native.tiles():
+            routes[TILES] = lambda: native.packed_attention(rows, starts, heads, on_tiles=True)
+    packed = lambda out: out  # noqa: E731
+    as_rows = {"ctxvec kernel": packed, TILES: packed, None: lambda out: out.transpose(1, 2).reshape(B, T, -1)[real]}
     expected = as_rows[None](expected)
     row = {"T": T, "B": B}
     with torch.inference_mode():
@@ -91,8 +96,8 @@ def main() -> None:
     result = {"machine": machine(), "threads": args.threads, "date": time.strftime("%Y-%m-%d"),
               "fused_cpu_min_scores": {str(d).removeprefix("torch."): n for d, n in FUSED_CPU_MIN_SCORES.items()},
               "fused_cpu_width_multiple": FUSED_CPU_WIDTH_MULTIPLE,
-              "native_max_tokens": {str(d).removeprefix("torch."): n for d, n in NATIVE_MAX_TOKENS.items()},
-              "native": native.available() or "built", "tables": tables}
+              "native_max_tokens": {str(d).removeprefix("torch."): native_max_tokens(d) for d in dtypes},
+              "native": native.available() or "built", "tiles": native.tiles(), "tables": tables}
     name = "bench_attention_amx" if cpu_has_amx() else "bench_attention"
     write_results(name, result, markdown(result), args.out, update=False)
 
@@ -108,12 +113,15 @@ def markdown(r: dict) -> str:
               if r.get("fused_cpu_width_multiple", 1) > 1 else "") + ". "
            "Up to " + ", ".join(f"{n} tokens in {d}" for d, n in r["native_max_tokens"].items())
            + " it runs its own kernel on the packed rows instead (`ctxvec kernel`, its time from the QKV rows "
-           f"to the output rows; here: {r['native']}).", ""]
-    names = ("batched", "fused (SDPA)", "eager", "ctxvec kernel")
+           f"to the output rows; here: {r['native']}"
+           + ("; in bf16 on AMX tiles, the `AMX tiles` column" if r.get("tiles") else "") + ").", ""]
+    names = ("batched", "fused (SDPA)", "eager", "ctxvec kernel", TILES)
     for t in r["tables"]:
-        out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | " + " | ".join(names) + " |", "|---:|---:|---:|---:|---:|"]
+        shown = [k for k in names if any(k in row for row in t["rows"])]
+        out += [f"**{t['shape']}, {t['dtype']}**", "", "| T | " + " | ".join(shown) + " |",
+                "|---:|" + "---:|" * len(shown)]
         for row in t["rows"]:
-            cells = [f"{row[k]['ms']:.3f} ({row[k]['max_rel_error']:.0e})" if k in row else "-" for k in names]
+            cells = [f"{row[k]['ms']:.3f} ({row[k]['max_rel_error']:.0e})" if k in row else "-" for k in shown]
             out.append(f"| {row['T']} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)

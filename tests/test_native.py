@@ -21,6 +21,7 @@ from ctxvec.model.masks import key_mask_from
 from ctxvec.model.route import Route
 
 route_module = importlib.import_module("ctxvec.engine.route")
+attention_module = importlib.import_module("ctxvec.engine.attention")
 
 # Where a compiler is, the kernel must build: a build broken by a change fails here, not skips.
 pytestmark = pytest.mark.skipif(
@@ -37,8 +38,9 @@ def _qkv(lengths, heads, head_width, dtype, spare=3, seed=0):
     return qkv, starts
 
 
-def _reference(qkv, starts, heads):
-    """softmax(Q·Kᵀ / √Dh) · V per sequence and head, in float64 from the same inputs."""
+def _reference(qkv, starts, heads, absolute=False):
+    """softmax(Q·Kᵀ / √Dh) · V per sequence and head, in float64 from the same inputs
+    (``absolute``: softmax(Q·Kᵀ / √Dh) · |V|)."""
     D = qkv.shape[1] // 3
     q, k, v = qkv.double().split(D, dim=1)
     out = torch.zeros(qkv.shape[0], D, dtype=torch.float64)
@@ -47,14 +49,38 @@ def _reference(qkv, starts, heads):
             continue
         qs, ks, vs = (t[first:end].view(end - first, heads, -1).transpose(0, 1) for t in (q, k, v))
         weights = (qs @ ks.transpose(1, 2) / math.sqrt(qs.shape[-1])).softmax(-1)
-        out[first:end] = (weights @ vs).transpose(0, 1).reshape(end - first, D)
+        out[first:end] = (weights @ (vs.abs() if absolute else vs)).transpose(0, 1).reshape(end - first, D)
     return out
+
+
+def _rule(limits):
+    return lambda dtype: limits.get(dtype, 0)
 
 
 @pytest.fixture
 def kernel_rule(monkeypatch):
     """The route's rule as on a CPU where the kernel is measured (the rule is per CPU kind)."""
-    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {torch.float32: 128, torch.bfloat16: 112})
+    monkeypatch.setattr(route_module, "native_max_tokens", _rule({torch.float32: 128, torch.bfloat16: 112}))
+
+
+@pytest.fixture(params=[False, True], ids=["vectors", "AMX tiles"])
+def on_tiles(request):
+    """The bf16 kernel on 16-lane vectors, and on AMX tiles where the CPU and system give them."""
+    if request.param and not native.tiles():
+        pytest.skip("no AMX tiles here (the CPU has none, or the system does not grant them)")
+    return request.param
+
+
+def _within_bf16(out, qkv, starts, heads, on_tiles):
+    """bf16 inputs, fp32 arithmetic, one rounding to bf16 at the end: within bf16's unit
+    roundoff (2^-8 relative: half a unit in the last place at the bottom of a binade) of the
+    exact result, plus fp32's own error; on tiles, P·V from probabilities rounded to bf16 adds
+    up to 2^-8 of the sum of |P| · |V| (a cancelling output can be small beside it)."""
+    expected = _reference(qkv, starts, heads)
+    bound = 2**-8 * expected.abs() + 1e-5
+    if on_tiles:
+        bound += 2**-8 * _reference(qkv, starts, heads, absolute=True)
+    return ((out.double() - expected).abs() <= bound).all()
 
 
 @pytest.fixture
@@ -71,21 +97,26 @@ def test_it_builds_here():
     assert native.max_tokens() == 256
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_every_length_up_to_the_longest(dtype):
-    """Each block count has its own kernel: every sequence length from 1 to 256 against float64;
-    bf16 within half a unit in the last place of the exact value (rounded once; a second
-    rounding would err by up to a whole unit), plus fp32's error."""
+def test_every_length_up_to_the_longest_fp32():
+    """Each block count has its own kernel: every sequence length from 1 to 256 against float64."""
     lengths = list(range(1, native.max_tokens() + 1))
-    qkv, starts = _qkv(lengths, 1, 32, dtype, spare=0)
-    out = native.packed_attention(qkv, starts, 1).double()
+    qkv, starts = _qkv(lengths, 1, 32, torch.float32, spare=0)
+    assert (native.packed_attention(qkv, starts, 1).double() - _reference(qkv, starts, 1)).abs().max() < 1e-5
+
+
+def test_every_length_up_to_the_longest_bf16(on_tiles):
+    """bf16 on vectors: within half a unit in the last place of the exact value (rounded once; a
+    second rounding would err by up to a whole unit), plus fp32's error; on tiles, that plus the
+    probabilities' rounding (``_within_bf16``)."""
+    lengths = list(range(1, native.max_tokens() + 1))
+    qkv, starts = _qkv(lengths, 1, 32, torch.bfloat16, spare=0)
+    out = native.packed_attention(qkv, starts, 1, on_tiles).double()
     expected = _reference(qkv, starts, 1)
-    if dtype == torch.float32:
-        assert (out - expected).abs().max() < 1e-5
-    else:
-        half_ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().clamp_min(2**-100))) - 8)
-        # (fp32's error is absolute: outputs near 0 are sums of terms of either sign, |v| < 10)
-        assert ((out - expected).abs() <= half_ulp + 4e-6).all()
+    half_ulp = 2.0 ** (torch.floor(torch.log2(expected.abs().clamp_min(2**-100))) - 8)
+    # (fp32's error is absolute, as the fp32 test bounds it: outputs near 0 are sums of terms of
+    # either sign, |v| < 10)
+    bound = half_ulp + 1e-5 + (2**-8 * _reference(qkv, starts, 1, absolute=True) if on_tiles else 0)
+    assert ((out - expected).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [5, 0, 40], [100, 3], [256]], ids=str)
@@ -99,40 +130,57 @@ def test_fp32_equals_attention_per_sequence(lengths, head_width):
     assert (out[sum(lengths):] == 0).all()  # rows of no sequence
 
 
-@pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [100, 3], [256]], ids=str)
+@pytest.mark.parametrize("lengths", [[1], [16, 17, 15], [5, 0, 40], [31, 32, 33], [100, 3], [256]], ids=str)
 @pytest.mark.parametrize("head_width", [32, 64])
-def test_bf16_is_rounded_once_from_fp32_math(lengths, head_width):
-    """bf16 inputs, fp32 arithmetic, one rounding to bf16 at the end: within bf16's unit
-    roundoff (2^-8 relative: half a unit in the last place at the bottom of a binade) of the
-    exact result, plus fp32's own error."""
+def test_bf16_is_rounded_once_from_fp32_math(lengths, head_width, on_tiles):
     qkv, starts = _qkv(lengths, 2, head_width, torch.bfloat16)
-    out = native.packed_attention(qkv, starts, 2)
-    expected = _reference(qkv, starts, 2)
+    out = native.packed_attention(qkv, starts, 2, on_tiles)
     assert out.dtype == torch.bfloat16
-    assert ((out.double() - expected).abs() <= 2**-8 * expected.abs() + 1e-5).all()
+    assert _within_bf16(out, qkv, starts, 2, on_tiles)
+    assert (out[sum(lengths):] == 0).all()  # rows of no sequence
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_threads_give_the_same_numbers(dtype):
-    qkv, starts = _qkv([30, 7, 64, 1, 12], 4, 32, dtype)
+def test_tiles_run_by_default_for_bf16_where_they_are_granted(monkeypatch):
+    """``on_tiles=None`` takes the tiles where ``tiles()``, the vectors elsewhere; True where
+    there are none is refused; fp32 never runs on them."""
+    qkv, starts = _qkv([40, 9], 2, 32, torch.bfloat16)
+    default = native.packed_attention(qkv, starts, 2)
+    assert torch.equal(default, native.packed_attention(qkv, starts, 2, native.tiles()))
+    monkeypatch.setattr(native, "tiles", lambda: False)
+    assert torch.equal(native.packed_attention(qkv, starts, 2), native.packed_attention(qkv, starts, 2, False))
+    with pytest.raises(native.NativeUnavailable, match="no AMX tiles"):
+        native.packed_attention(qkv, starts, 2, True)
+    with pytest.raises(native.NativeUnavailable, match="no AMX tiles for torch.float32"):
+        native.packed_attention(qkv.float(), starts, 2, True)
+
+
+@pytest.mark.parametrize("dtype, tiles", [(torch.float32, False), (torch.bfloat16, False), (torch.bfloat16, True)],
+                         ids=["fp32", "bf16", "bf16 on tiles"])
+def test_threads_give_the_same_numbers(dtype, tiles):
+    if tiles and not native.tiles():
+        pytest.skip("no AMX tiles here")
+    qkv, starts = _qkv([30, 7, 64, 1, 12, 200], 4, 32, dtype)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = native.packed_attention(qkv, starts, 4)
+        one = native.packed_attention(qkv, starts, 4, tiles)
         torch.set_num_threads(2)
-        two = native.packed_attention(qkv, starts, 4)
+        two = native.packed_attention(qkv, starts, 4, tiles)
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
-def test_rows_may_be_a_view_of_wider_rows():
-    qkv, starts = _qkv([9, 20], 2, 32, torch.float32)
-    wide = torch.zeros(qkv.shape[0], qkv.shape[1] + 40)
+@pytest.mark.parametrize("dtype, tiles", [(torch.float32, False), (torch.bfloat16, True)], ids=["fp32", "bf16 on tiles"])
+def test_rows_may_be_a_view_of_wider_rows(dtype, tiles):
+    if tiles and not native.tiles():
+        pytest.skip("no AMX tiles here")
+    qkv, starts = _qkv([9, 20], 2, 32, dtype)
+    wide = torch.zeros(qkv.shape[0], qkv.shape[1] + 40, dtype=dtype)
     wide[:, 40:] = qkv
     view = wide[:, 40:]
     assert view.stride(0) != view.shape[1]
-    assert torch.equal(native.packed_attention(view, starts, 2), native.packed_attention(qkv, starts, 2))
+    assert torch.equal(native.packed_attention(view, starts, 2, tiles), native.packed_attention(qkv, starts, 2, tiles))
 
 
 def test_what_it_does_not_take_is_refused_in_one_line():
@@ -158,7 +206,7 @@ def test_where_it_cannot_build_it_says_why_and_attention_runs_without_it(monkeyp
     for name, value in setting.items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("CTXVEC_CACHE", str(tmp_path))
-    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {torch.float32: 128})
+    monkeypatch.setattr(route_module, "native_max_tokens", _rule({torch.float32: 128}))
     native.reset()
     try:
         assert why in native.available()
@@ -206,6 +254,7 @@ def test_the_packed_route_attends_by_it_with_the_same_output(kernel_rule, counte
     with torch.inference_mode():
         route = choose(x, mha, real)
         assert isinstance(route, PackedRoute) and route.native and "ctxvec's kernel" in route.reason
+        assert ("on AMX tiles" in route.reason) == (dtype == torch.bfloat16 and native.tiles())
         out = route.restore(mha(route.arrange(x), route.key_mask, route=route).output)
         expected = mha(x, key_mask_from(real), return_probabilities=True).output
     assert counted == [1]
@@ -215,7 +264,7 @@ def test_the_packed_route_attends_by_it_with_the_same_output(kernel_rule, counte
 
 def test_the_route_keeps_pytorch_for_long_sequences_other_heads_and_training(kernel_rule):
     mha = MultiHeadSelfAttention(d_model=64, n_heads=2, dropout=0.0)
-    limit = route_module.NATIVE_MAX_TOKENS[torch.float32]
+    limit = route_module.native_max_tokens(torch.float32)
     with torch.inference_mode():
         short = choose(torch.randn(2, limit, 64), mha, torch.ones(2, limit, dtype=torch.bool))
         long = choose(torch.randn(2, limit + 1, 64), mha, torch.ones(2, limit + 1, dtype=torch.bool))
@@ -226,8 +275,20 @@ def test_the_route_keeps_pytorch_for_long_sequences_other_heads_and_training(ker
     assert isinstance(training, PackedRoute) and not training.native and "gradients" in training.reason
 
 
+@pytest.mark.parametrize("tiles", [False, True])
+def test_on_tiles_bf16_runs_up_to_the_kernels_longest(monkeypatch, tiles):
+    """The rule: bf16 on AMX tiles up to the kernel's longest sequence, else the vector kernel's
+    measured limit; none where the CPU kind is not measured."""
+    monkeypatch.setattr(native, "tiles", lambda: tiles)
+    monkeypatch.setattr(attention_module, "NATIVE_MAX_TOKENS", {torch.float32: 176, torch.bfloat16: 128})
+    assert attention_module.native_max_tokens(torch.bfloat16) == (native.max_tokens() if tiles else 128)
+    assert attention_module.native_max_tokens(torch.float32) == 176
+    monkeypatch.setattr(attention_module, "NATIVE_MAX_TOKENS", {})
+    assert attention_module.native_max_tokens(torch.bfloat16) == 0
+
+
 def test_where_the_kernel_is_not_measured_pytorch_runs(monkeypatch):
-    monkeypatch.setattr(route_module, "NATIVE_MAX_TOKENS", {})
+    monkeypatch.setattr(route_module, "native_max_tokens", _rule({}))
     with torch.inference_mode():
         route = choose(torch.randn(2, 8, 64), MultiHeadSelfAttention(64, 2, 0.0), torch.ones(2, 8, dtype=torch.bool))
     assert not route.native and "not measured on this CPU" in route.reason

@@ -14,7 +14,7 @@ settles, with the reason, how the pass runs:
   ``F.linear`` (training, autocast, GPUs, other dtypes).
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
-  inference, sequences up to ``NATIVE_MAX_TOKENS`` (per CPU kind, as measured) of heads 32 or
+  inference, sequences up to ``native_max_tokens`` (per CPU kind, as measured) of heads 32 or
   64 wide, fp32 or bf16, attend by ctxvec's own kernel on the rows as they are
   (``engine.native``, ``PackedRoute.self_attend``), where it builds.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 import ctxvec.engine.native as native
-from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, NATIVE_MAX_TOKENS, fast_attention
+from ctxvec.engine.attention import FUSED_CPU_MIN_SCORES, fast_attention, native_max_tokens
 import ctxvec.engine.linear as linear_kernels
 from ctxvec.engine.linear import gelu_by_table, linear, linear_add, onednn_dtype
 from ctxvec.engine.packing import TokenPacking
@@ -125,8 +125,10 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
                   if n_real < n_all else "every token is real, packed in rows oneDNN has a kernel for")
         rows = f"; rows in multiples of {multiple}" + (" (oneDNN runs bf16 autocast)" if autocast_bf16 else "")
         use_native, why_not_native = _native(probe, T, why_not_onednn, layers)
-        attention = (f"self-attention: ctxvec's kernel on the packed rows (up to {NATIVE_MAX_TOKENS[probe.dtype]} "
-                     f"tokens, engine.native)" if use_native else f"{attention} ({why_not_native})")
+        on_tiles = " on AMX tiles" if probe.dtype == torch.bfloat16 and native.tiles() else ""
+        attention = (f"self-attention: ctxvec's kernel{on_tiles} on the packed rows (up to "
+                     f"{native_max_tokens(probe.dtype)} tokens, engine.native)" if use_native
+                     else f"{attention} ({why_not_native})")
         return PackedRoute(real, f"{layout}{rows if multiple > 1 else ''}; {linears}; {attention}", multiple,
                            use_onednn, weights, use_native)
     return FastRoute(real, f"every token is real; {linears}; {attention}")
@@ -160,10 +162,10 @@ def _why_not_onednn(probe: torch.Tensor, weight: torch.Tensor, layers: nn.Module
 def _native(probe: torch.Tensor, T: int, why_not_onednn: str | None, layers: nn.Module) -> tuple[bool, str | None]:
     """Whether self-attention on the packed rows runs ctxvec's own kernel, else why not: at CPU
     inference (where oneDNN's linear may run), on sequences it is measured faster for on this
-    CPU (``NATIVE_MAX_TOKENS``), for the head widths it is written for, where it builds."""
+    CPU (``native_max_tokens``), for the head widths it is written for, where it builds."""
     if why_not_onednn is not None:
         return False, f"not ctxvec's kernel: {why_not_onednn}"
-    limit = NATIVE_MAX_TOKENS.get(probe.dtype, 0)
+    limit = native_max_tokens(probe.dtype)
     if T > limit:
         return False, (f"not ctxvec's kernel: {T} tokens, it runs up to {limit}" if limit else
                        "not ctxvec's kernel: not measured on this CPU (benchmarks/bench_attention.py)")

@@ -1,10 +1,13 @@
 """The engine's compiled kernels, built for the CPU at hand: one C++ file each, no dependency.
 
 - ``packed_attention.cpp`` attends each sequence of a packed batch over its own rows, straight
-  from the fused QKV projection's output (``packed_attention``);
+  from the fused QKV projection's output (``packed_attention``), in 16-lane vectors;
+- ``amx_attention.cpp``: the same in bf16 with its matrix multiplies on AMX tiles, where the
+  CPU has them (``tiles()``);
 - ``gelu.cpp``: GELU of bf16 values by a table of all 65,536 (``gelu_``);
 
-with ``vec16.h``, the vector helpers the first is written with. They are compiled together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
+with ``vec16.h``, the vector helpers the attention kernels are written with. They are compiled
+together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
 with ``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
 library per sources, compiler and CPU (a machine with another CPU builds its own), and loaded
 with ``ctypes`` (no Python extension, no PyTorch headers: it builds in about 3 s;
@@ -32,11 +35,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "gelu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "amx_attention.cpp", "gelu.cpp"))
 HEADERS = (Path(__file__).with_name("vec16.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 HEAD_WIDTHS = (32, 64)  # the head widths the kernel is written for
 _FUNCTIONS = {torch.float32: "ctxvec_packed_attention_f32", torch.bfloat16: "ctxvec_packed_attention_bf16"}
+_TILES = "ctxvec_packed_attention_bf16_amx"  # bf16 on AMX tiles (amx_attention.cpp)
 
 
 class NativeUnavailable(RuntimeError):
@@ -99,11 +103,12 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
         path.unlink(missing_ok=True)
         lib = ctypes.CDLL(str(_build(compiler)))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    for name in _FUNCTIONS.values():
+    for name in (*_FUNCTIONS.values(), _TILES):
         function = getattr(lib, name)
         function.argtypes = [ptr, i64, ptr, i64, ptr, i64, i64, i64, ctypes.c_float, ctypes.c_int]
         function.restype = ctypes.c_int
     lib.ctxvec_packed_attention_max_tokens.restype = ctypes.c_int
+    lib.ctxvec_amx_tiles.restype = ctypes.c_int
     lib.ctxvec_gelu_bf16_.argtypes = [ptr, i64, ctypes.c_int]
     lib.ctxvec_gelu_bf16_.restype = None
     return lib
@@ -165,18 +170,28 @@ def max_tokens() -> int:
     return 0 if isinstance(lib, NativeUnavailable) else lib.ctxvec_packed_attention_max_tokens()
 
 
+def tiles() -> bool:
+    """Whether the bf16 kernel runs its matrix multiplies on AMX tiles here (built for a CPU with
+    AMX, and the system lets the process use them); else on AVX-512 vectors."""
+    lib = _library()
+    return not isinstance(lib, NativeUnavailable) and bool(lib.ctxvec_amx_tiles())
+
+
 def takes(dtype: torch.dtype, head_width: int) -> bool:
     """Whether the kernel computes this precision and head width (and is available)."""
     return dtype in _FUNCTIONS and head_width in HEAD_WIDTHS and available() is None
 
 
-def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> torch.Tensor:
+def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, on_tiles: bool | None = None
+                     ) -> torch.Tensor:
     """softmax(Q·Kᵀ / √Dh) · V of every head of every sequence, on packed rows.
 
     qkv: (R, 3D) rows of [Q | K | V] (CPU, fp32 or bf16, rows contiguous); starts: (S + 1,) int64,
     sequence s owning rows starts[s] .. starts[s + 1] - 1 (rows from starts[-1] on belong to no
     sequence: their output is 0); n_heads: H, with D = H * Dh. Returns (R, D), the heads of each
-    row concatenated, in qkv's dtype, computed on ``torch.get_num_threads()`` threads.
+    row concatenated, in qkv's dtype, computed on ``torch.get_num_threads()`` threads. bf16 runs
+    on AMX tiles where ``tiles()`` (``on_tiles``: None, where they are; False, never; True,
+    or raise), probabilities rounded to bf16 for P·V as PyTorch's fused kernel rounds them.
     """
     lib = _required()
     R, C = qkv.shape
@@ -189,13 +204,18 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int) -> t
     n_real = int(starts[-1])
     if int(starts[0]) != 0 or n_real > R:
         raise ValueError(f"starts must run from 0 to at most {R} rows, got {starts[0]} .. {n_real}.")
+    if on_tiles and not (qkv.dtype == torch.bfloat16 and tiles()):
+        raise NativeUnavailable(f"no AMX tiles for {qkv.dtype} here")
+    use_tiles = qkv.dtype == torch.bfloat16 and on_tiles is not False and tiles()
     out = qkv.new_empty(R, D)
     out[n_real:] = 0
-    status = getattr(lib, _FUNCTIONS[qkv.dtype])(
+    status = getattr(lib, _TILES if use_tiles else _FUNCTIONS[qkv.dtype])(
         qkv.data_ptr(), qkv.stride(0), out.data_ptr(), out.stride(0), starts.data_ptr(), len(starts) - 1,
         n_heads, Dh, Dh ** -0.5, torch.get_num_threads())
     if status == 1:
         raise ValueError(f"packed_attention takes head widths {HEAD_WIDTHS}, got {Dh}.")
+    if status == 3:
+        raise NativeUnavailable("the system refused this process the AMX tiles")
     if status == 2:
         raise ValueError(f"packed_attention takes sequences of up to {max_tokens()} tokens in order; "
                          f"got starts {starts.tolist()[:8]}...")

@@ -12,7 +12,7 @@
 // ctxvec.engine.native compiles it for the CPU at hand.
 //
 // Numbers: Q·Kᵀ, softmax and P·V in fp32 whatever the input (bf16 inputs widened exactly, the
-// output rounded to bf16 once, to nearest even); e^x by Cephes' expf polynomial (~1 ulp).
+// output rounded to bf16 once, to nearest even); e^x as 2^(x log2 e), ~1 ulp (vec16.h).
 // Written with GCC/Clang vector extensions (vec16.h: slow without AVX-512, so the route's rule,
 // engine/attention.py, takes it only on CPUs where it is measured faster).
 //
@@ -30,39 +30,6 @@ namespace {
 
 using namespace ctxvec;
 constexpr int MAX_BLOCKS = 16;  // the longest sequence: MAX_BLOCKS * W tokens
-
-// e^x for x <= 0: x = n ln2 + r, e^r by Cephes' polynomial, 2^n into the exponent bits.
-inline v16 exp_nonpositive(v16 x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;  // e^-87 ~ 1.6e-38: still a normal float
-  const v16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
-  v16 n = (x * 1.44269504088896341f + round) - round;
-  v16 r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  v16 p = splat(1.9875691500e-4f);
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
-  return p * (v16)e;
-}
-
-// rows[i][l] <- rows[l][i]: the off-diagonal blocks of 8, 4, 2 and 1 lanes swapped in turn,
-// 64 two-register shuffles where a lane at a time would take 256 stores.
-inline void transpose(v16 (&rows)[W]) {
-  for (int s = 8; s; s >>= 1) {
-    const v16i low = (LANE & s) == 0;  // lanes of the diagonal blocks in the first row of a pair
-    const v16i first = low ? LANE : LANE + (W - s), second = low ? LANE + s : LANE + W;
-    for (int i = 0; i < W; ++i)
-      if (!(i & s)) {
-        const v16 a = rows[i], b = rows[i + s];
-        rows[i] = __builtin_shuffle(a, b, first);
-        rows[i + s] = __builtin_shuffle(a, b, second);
-      }
-  }
-}
 
 // One head of one sequence. kt: its keys transposed, (Dh, Lp) fp32, zero past L; vv: its values,
 // (L, Dh) fp32; q0 / out0: its first query row / output row; p: scratch for RB rows of Lp.
@@ -99,7 +66,7 @@ void attend_head(const T* q0, int64_t ld_in, T* out0, int64_t ld_out, int L, flo
       const float row_max = max_of(m);
       v16 total = v16{};
       for (int b = 0; b < NB; ++b) {
-        v16 e = exp_nonpositive(s[r][b] - row_max);
+        v16 e = exp2_nonpositive((s[r][b] - row_max) * LOG2_E);
         e = LANE + b * W < L ? e : v16{};
         total += e;
         store16(e, p + r * Lp + b * W);

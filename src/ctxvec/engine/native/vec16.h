@@ -2,15 +2,16 @@
 // Without AVX-512 the kernels build and compute the same numbers, but slowly: GCC 12 splits
 // the arithmetic into AVX2 halves, yet compares and selects lane by lane.
 //
-// What the vector kernels of this folder are written with: the vector types, loads and stores
-// that widen bf16 to fp32 and round back, and the sums and maxima of a vector's lanes.
+// What the attention kernels of this folder are written with: the vector types, loads and
+// stores that widen bf16 to fp32 and round back, the sums and maxima of a vector's lanes (of
+// one, or of 16 at once), a 16 x 16 transpose, and 2^x.
 
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 
@@ -53,5 +54,70 @@ inline float sum_of(v16 v) {
   for (int k = 8; k; k >>= 1) v += lanes_apart(v, k);
   return v[0];
 }
+
+// 2^t for t <= 0, within about a unit in the last place: t = n + f, |f| <= 1/2, 2^f by a
+// degree-6 polynomial (fitted for relative error on [-1/2, 1/2]: 1e-7), times 2^n: by AVX-512's scalef
+// where there is one (n below the floats' range gives 0, -inf gives NaN: callers mask it), else
+// n put into the exponent bits, t first kept >= -126. The kernels take e^x as 2^(x log2 e),
+// with log2 e folded into the scale they already apply.
+inline v16 exp2_nonpositive(v16 t) {
+#if defined(__AVX512F__)
+  const v16 n = (v16)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT);
+#else
+  t = t < splat(-126.0f) ? splat(-126.0f) : t;
+  const v16 round = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  const v16 n = (t + round) - round;
+#endif
+  const v16 f = t - n;
+  v16 p = splat(1.5344865096e-4f);
+  p = p * f + 1.3399922755e-3f;
+  p = p * f + 9.6184927970e-3f;
+  p = p * f + 5.5503286421e-2f;
+  p = p * f + 2.4022646248e-1f;
+  p = p * f + 6.9314718246e-1f;
+  p = p * f + 1.0f;
+#if defined(__AVX512F__)
+  return (v16)_mm512_scalef_ps((__m512)p, (__m512)n);
+#else
+  const v16i e = (__builtin_convertvector(n, v16i) + 127) << 23;
+  return p * (v16)e;
+#endif
+}
+constexpr float LOG2_E = 1.44269504088896341f;
+
+// The lanes of the diagonal blocks of s lanes in the first row of a pair, and the shuffles that
+// swap the off-diagonal blocks of rows i and i + s (a step of ``transpose``).
+inline v16i low_half(int s) { return (LANE & s) == 0; }
+inline v16i swap_first(int s) { return low_half(s) ? LANE : LANE + (W - s); }
+inline v16i swap_second(int s) { return low_half(s) ? LANE + s : LANE + W; }
+
+// rows[i][l] <- rows[l][i]: the off-diagonal blocks of 8, 4, 2 and 1 lanes swapped in turn,
+// 64 two-register shuffles where a lane at a time would take 256 stores.
+inline void transpose(v16 (&rows)[W]) {
+  for (int s = 8; s; s >>= 1) {
+    const v16i first = swap_first(s), second = swap_second(s);
+    for (int i = 0; i < W; ++i)
+      if (!(i & s)) {
+        const v16 a = rows[i], b = rows[i + s];
+        rows[i] = __builtin_shuffle(a, b, first);
+        rows[i + s] = __builtin_shuffle(a, b, second);
+      }
+  }
+}
+
+// Lane r of the result: op over the lanes of rows[r] (max, sum), 16 rows at once: the steps of
+// ``transpose`` with each swapped pair combined by op instead of kept, 30 shuffles and 15 ops
+// where a row at a time would take 64 of each in 16 chains (``rows`` is overwritten).
+template <typename Op>
+inline v16 reduce_rows(v16 (&rows)[W], Op op) {
+  for (int s = 8; s; s >>= 1) {
+    const v16i first = swap_first(s), second = swap_second(s);
+    for (int i = 0; i < s; ++i)
+      rows[i] = op(__builtin_shuffle(rows[i], rows[i + s], first), __builtin_shuffle(rows[i], rows[i + s], second));
+  }
+  return rows[0];
+}
+inline v16 max_v(v16 a, v16 b) { return a > b ? a : b; }
+inline v16 add_v(v16 a, v16 b) { return a + b; }
 
 }  // namespace ctxvec
