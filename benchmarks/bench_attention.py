@@ -63,9 +63,9 @@ def measure(T: int, heads: int, width: int, dtype: torch.dtype, reps: int) -> di
     rows = torch.cat([t.transpose(1, 2).reshape(B, T, heads * width) for t in (q, k, v)], dim=2)[real]
     starts = torch.cat([torch.zeros(1, dtype=torch.long), real.sum(1).cumsum(0)])
     if native.available() is None and T <= native.max_tokens():
-        routes["ctxvec kernel"] = lambda: native.packed_attention(rows, starts, heads, on_tiles=False)
-        if dtype == torch.bfloat16 and native.tiles():
-            routes[TILES] = lambda: native.packed_attention(rows, starts, heads, on_tiles=True)
+        routes["ctxvec kernel"] = lambda: native.packed_attention(rows, starts, heads, use_tiles=False)
+        if native.on_tiles(dtype):
+            routes[TILES] = lambda: native.packed_attention(rows, starts, heads, use_tiles=True)
     packed = lambda out: out  # noqa: E731
     as_rows = {"ctxvec kernel": packed, TILES: packed, None: lambda out: out.transpose(1, 2).reshape(B, T, -1)[real]}
     expected = as_rows[None](expected)

@@ -141,7 +141,7 @@ def test_bf16_is_rounded_once_from_fp32_math(lengths, head_width, on_tiles):
 
 
 def test_tiles_run_by_default_for_bf16_where_they_are_granted(monkeypatch):
-    """``on_tiles=None`` takes the tiles where ``tiles()``, the vectors elsewhere; True where
+    """``use_tiles=None`` takes the tiles where ``tiles()``, the vectors elsewhere; True where
     there are none is refused; fp32 never runs on them."""
     qkv, starts = _qkv([40, 9], 2, 32, torch.bfloat16)
     default = native.packed_attention(qkv, starts, 2)
@@ -254,7 +254,7 @@ def test_the_packed_route_attends_by_it_with_the_same_output(kernel_rule, counte
     with torch.inference_mode():
         route = choose(x, mha, real)
         assert isinstance(route, PackedRoute) and route.native and "ctxvec's kernel" in route.reason
-        assert ("on AMX tiles" in route.reason) == (dtype == torch.bfloat16 and native.tiles())
+        assert ("on AMX tiles" in route.reason) == native.on_tiles(dtype)
         out = route.restore(mha(route.arrange(x), route.key_mask, route=route).output)
         expected = mha(x, key_mask_from(real), return_probabilities=True).output
     assert counted == [1]

@@ -54,14 +54,14 @@ NATIVE_MAX_TOKENS: dict[torch.dtype, int] = {torch.float32: 176, torch.bfloat16:
 # kernel's two matrix multiplies run on the tile unit: 1.7x the vector kernel at ~31 tokens,
 # 2.5x at 128, 4x at 256 (one thread, heads of 32), and faster than the route's gathers and
 # PyTorch's fused kernel up to its longest sequence; end to end (MiniLM, 2 threads) +4% on
-# texts of ~31 tokens, +18% at ~95, +19% at ~185 against the vector kernel's rule.
-TILES_MAX_TOKENS = 256
+# texts of ~31 tokens, +18% at ~95, +19% at ~185 against the vector kernel's rule. So on tiles
+# it takes every sequence it can (``native.max_tokens()``).
 
 
 def native_max_tokens(dtype: torch.dtype) -> int:
     """The longest sequence ctxvec's kernel attends in ``dtype`` on this CPU (0: none), as measured."""
     limit = NATIVE_MAX_TOKENS.get(dtype, 0)
-    return TILES_MAX_TOKENS if limit and dtype == torch.bfloat16 and native.tiles() else limit
+    return native.max_tokens() if limit and native.on_tiles(dtype) else limit
 
 
 def aligned_width(width: int, dtype: torch.dtype) -> int:

@@ -125,7 +125,7 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
                   if n_real < n_all else "every token is real, packed in rows oneDNN has a kernel for")
         rows = f"; rows in multiples of {multiple}" + (" (oneDNN runs bf16 autocast)" if autocast_bf16 else "")
         use_native, why_not_native = _native(probe, T, why_not_onednn, layers)
-        on_tiles = " on AMX tiles" if probe.dtype == torch.bfloat16 and native.tiles() else ""
+        on_tiles = " on AMX tiles" if native.on_tiles(probe.dtype) else ""
         attention = (f"self-attention: ctxvec's kernel{on_tiles} on the packed rows (up to "
                      f"{native_max_tokens(probe.dtype)} tokens, engine.native)" if use_native
                      else f"{attention} ({why_not_native})")

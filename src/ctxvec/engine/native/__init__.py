@@ -177,12 +177,17 @@ def tiles() -> bool:
     return not isinstance(lib, NativeUnavailable) and bool(lib.ctxvec_amx_tiles())
 
 
+def on_tiles(dtype: torch.dtype) -> bool:
+    """Whether the kernel attends in ``dtype`` on AMX tiles here: bf16, where ``tiles()``."""
+    return dtype == torch.bfloat16 and tiles()
+
+
 def takes(dtype: torch.dtype, head_width: int) -> bool:
     """Whether the kernel computes this precision and head width (and is available)."""
     return dtype in _FUNCTIONS and head_width in HEAD_WIDTHS and available() is None
 
 
-def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, on_tiles: bool | None = None
+def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, use_tiles: bool | None = None
                      ) -> torch.Tensor:
     """softmax(Q·Kᵀ / √Dh) · V of every head of every sequence, on packed rows.
 
@@ -190,7 +195,7 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, on_t
     sequence s owning rows starts[s] .. starts[s + 1] - 1 (rows from starts[-1] on belong to no
     sequence: their output is 0); n_heads: H, with D = H * Dh. Returns (R, D), the heads of each
     row concatenated, in qkv's dtype, computed on ``torch.get_num_threads()`` threads. bf16 runs
-    on AMX tiles where ``tiles()`` (``on_tiles``: None, where they are; False, never; True,
+    on AMX tiles where ``tiles()`` (``use_tiles``: None, where they are; False, never; True,
     or raise), probabilities rounded to bf16 for P·V as PyTorch's fused kernel rounds them.
     """
     lib = _required()
@@ -204,9 +209,10 @@ def packed_attention(qkv: torch.Tensor, starts: torch.Tensor, n_heads: int, on_t
     n_real = int(starts[-1])
     if int(starts[0]) != 0 or n_real > R:
         raise ValueError(f"starts must run from 0 to at most {R} rows, got {starts[0]} .. {n_real}.")
-    if on_tiles and not (qkv.dtype == torch.bfloat16 and tiles()):
+    tiles_here = on_tiles(qkv.dtype)
+    if use_tiles and not tiles_here:
         raise NativeUnavailable(f"no AMX tiles for {qkv.dtype} here")
-    use_tiles = qkv.dtype == torch.bfloat16 and on_tiles is not False and tiles()
+    use_tiles = tiles_here and use_tiles is not False
     out = qkv.new_empty(R, D)
     out[n_real:] = 0
     status = getattr(lib, _TILES if use_tiles else _FUNCTIONS[qkv.dtype])(

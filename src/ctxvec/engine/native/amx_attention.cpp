@@ -43,7 +43,6 @@
 namespace {
 
 using namespace ctxvec;
-constexpr int MAX_TOKENS = 256;  // as the vector kernel
 typedef uint16_t v32h __attribute__((vector_size(64)));
 
 struct alignas(64) TileConfig {  // palette 1: every tile 16 rows of 64 bytes

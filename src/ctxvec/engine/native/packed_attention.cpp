@@ -29,7 +29,7 @@
 namespace {
 
 using namespace ctxvec;
-constexpr int MAX_BLOCKS = 16;  // the longest sequence: MAX_BLOCKS * W tokens
+constexpr int MAX_BLOCKS = MAX_TOKENS / W;  // key blocks of the longest sequence
 
 // One head of one sequence. kt: its keys transposed, (Dh, Lp) fp32, zero past L; vv: its values,
 // (L, Dh) fp32; q0 / out0: its first query row / output row; p: scratch for RB rows of Lp.
@@ -113,7 +113,7 @@ int attend(const T* qkv, int64_t ld_in, T* out, int64_t ld_out, const int64_t* s
            int64_t H, int64_t Dh, float scale, int threads) {
   if (Dh != 32 && Dh != 64) return 1;
   for (int64_t s = 0; s < n_seq; ++s)
-    if (starts[s + 1] < starts[s] || starts[s + 1] - starts[s] > MAX_BLOCKS * W) return 2;
+    if (starts[s + 1] < starts[s] || starts[s + 1] - starts[s] > MAX_TOKENS) return 2;
   const int64_t D = H * Dh;
   // one (sequence, head) pair a task; each thread keeps its own buffers
 #pragma omp parallel num_threads(threads) if (threads > 1)
@@ -151,7 +151,7 @@ extern "C" {
 
 // qkv: rows of [Q | K | V], each H heads of Dh values, row stride ld_in (elements); out: rows of
 // H * Dh values, row stride ld_out; starts: n_seq + 1 row offsets (non-decreasing). Returns 0,
-// or 1 for a head width other than 32 or 64, 2 for a sequence of more than MAX_BLOCKS * W tokens.
+// or 1 for a head width other than 32 or 64, 2 for a sequence of more than MAX_TOKENS tokens.
 int ctxvec_packed_attention_f32(const float* qkv, int64_t ld_in, float* out, int64_t ld_out, const int64_t* starts,
                                 int64_t n_seq, int64_t H, int64_t Dh, float scale, int threads) {
   return attend(qkv, ld_in, out, ld_out, starts, n_seq, H, Dh, scale, threads);
@@ -163,6 +163,6 @@ int ctxvec_packed_attention_bf16(const uint16_t* qkv, int64_t ld_in, uint16_t* o
   return attend(qkv, ld_in, out, ld_out, starts, n_seq, H, Dh, scale, threads);
 }
 
-int ctxvec_packed_attention_max_tokens() { return MAX_BLOCKS * W; }
+int ctxvec_packed_attention_max_tokens() { return MAX_TOKENS; }
 
 }

@@ -55,11 +55,14 @@ inline float sum_of(v16 v) {
   return v[0];
 }
 
+constexpr int MAX_TOKENS = 256;  // the longest sequence the attention kernels of this folder take
+constexpr float LOG2_E = 1.44269504088896341f;
+
 // 2^t for t <= 0, within about a unit in the last place: t = n + f, |f| <= 1/2, 2^f by a
-// degree-6 polynomial (fitted for relative error on [-1/2, 1/2]: 1e-7), times 2^n: by AVX-512's scalef
-// where there is one (n below the floats' range gives 0, -inf gives NaN: callers mask it), else
-// n put into the exponent bits, t first kept >= -126. The kernels take e^x as 2^(x log2 e),
-// with log2 e folded into the scale they already apply.
+// degree-6 polynomial (fitted for relative error on [-1/2, 1/2]: 1e-7), times 2^n: by AVX-512's
+// scalef where there is one (n below the floats' range gives 0, -inf gives NaN: callers mask
+// it), else n put into the exponent bits, t first kept >= -126. The kernels take e^x as
+// 2^(x log2 e).
 inline v16 exp2_nonpositive(v16 t) {
 #if defined(__AVX512F__)
   const v16 n = (v16)_mm512_roundscale_ps((__m512)t, _MM_FROUND_TO_NEAREST_INT);
@@ -83,7 +86,6 @@ inline v16 exp2_nonpositive(v16 t) {
   return p * (v16)e;
 #endif
 }
-constexpr float LOG2_E = 1.44269504088896341f;
 
 // The lanes of the diagonal blocks of s lanes in the first row of a pair, and the shuffles that
 // swap the off-diagonal blocks of rows i and i + s (a step of ``transpose``).
