@@ -49,6 +49,17 @@ def test_encode_writes_all_vectors(run, tmp_path, suffix):
     assert vectors.shape == (6, 384) and np.isfinite(vectors).all()
 
 
+def test_a_command_freezes_what_it_loaded_out_of_the_collectors_reach(run, monkeypatch):
+    """After loading, the process's objects so far (PyTorch, the model) are frozen: a full
+    garbage collection during the job then walks only what the job made."""
+    import gc
+
+    frozen = []
+    monkeypatch.setattr(gc, "freeze", lambda: frozen.append(len(gc.get_objects())))
+    assert run("encode", "my name is aj", "--model", "seed").exit_code == 0
+    assert len(frozen) == 1 and frozen[0] > 10_000
+
+
 def test_encode_uses_minilm_by_default(run):
     result = run("encode", "my name is aj")
     assert result.exit_code == 0 and "all-MiniLM-L6-v2" in result.output

@@ -2,6 +2,8 @@
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +272,15 @@ def test_seed_trained_has_learned_what_the_untrained_seed_has_not():
         return float(-(probs * probs.clamp_min(1e-12).log()).sum(-1).mean())
 
     assert attention_entropy(trained) < 0.8 * attention_entropy(untrained)
+
+
+@pytest.mark.parametrize("model", ["minilm", "seed"])
+def test_loading_leaves_pytorchs_compiler_unimported(model):
+    """Loading checks the file against the config on a "meta" skeleton without drawing or joining
+    values there: PyTorch's meta kernels for those import its compiler (torch._dynamo, sympy:
+    ~1 s and ~100,000 objects every full garbage collection walks)."""
+    code = (f"import sys, ctxvec; ctxvec.load({model!r}).embed(['a text']); "
+            "print(sorted(m for m in ('torch._dynamo', 'sympy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"

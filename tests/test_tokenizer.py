@@ -158,3 +158,22 @@ def test_shipped_seed_tokenizer_is_reproducible_from_its_corpus(tmp_path):
     Tokenizer.train([SHARED_WEB], vocab_size=8000, min_frequency=2).save(tmp_path / "tokenizer.json")
     shipped = resources.files("ctxvec") / "assets" / "seed_tokenizer.json"
     assert (tmp_path / "tokenizer.json").read_bytes() == shipped.read_bytes()
+
+
+@pytest.mark.parametrize("kind", ["wordpiece", "bpe", "shipped"])
+def test_tokens_are_the_librarys_own(kind):
+    """``Encoded.tokens`` are read from the vocabulary by id (the batched call skips the
+    library's offsets): the same strings as the library's own encoding, for unknown characters,
+    special-token literals, continuation pieces and truncated texts alike."""
+    tok = seed_tokenizer() if kind == "shipped" else Tokenizer.train(
+        texts=CORPUS, vocab_size=120, min_frequency=1, max_len=16, kind=kind)
+    texts = ["God said, let there be light.", "Ünïcödé ☃ 日本 [CLS] [SEP] x", "heavensearth formlessly",
+             " ".join(CORPUS[:3])]
+    encoded = tok.tokenize(texts, max_len=16)
+    assert encoded[-1].truncated
+    for text, e in zip(texts, encoded):
+        own = tok.backend.encode(text, add_special_tokens=False)
+        own.truncate(16 - tok.n_special)  # (a no-op for a short text)
+        own = tok.backend.post_process(own)
+        assert e.tokens == own.tokens and e.ids == own.ids
+        assert e.special_tokens_mask == own.special_tokens_mask

@@ -173,11 +173,11 @@ class Pipeline:
         return self.encoder.config.d_model
 
     def _forward(self, encoded: Sequence[Encoded], batch_tokens: int,
-                 finish: Callable[[list[int], torch.Tensor, torch.Tensor], Result],
+                 finish: Callable[[list[int], torch.Tensor, list[int]], Result],
                  on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                  ) -> Iterator[tuple[list[int], Result]]:
-        """(indices, ``finish(indices, hidden (B, T, D) fp32, attention_mask (B, T))``) per
-        length-sorted batch, in order; the batches run in streams (``engine.streams``) and
+        """(indices, ``finish(indices, rows (N, D) fp32, lengths)``) per length-sorted batch, in
+        order, ``rows`` the batch's real tokens' vectors text after text (``lengths`` of them); the batches run in streams (``engine.streams``) and
         ``finish`` with them. ``trim``: give freed heap memory back to the system at the end
         (``release_memory``)."""
         batch_tokens = self.batch_tokens if batch_tokens is None else batch_tokens
@@ -196,11 +196,12 @@ class Pipeline:
             rows, width = padded_shape(max(lengths[i] for i in indices), len(indices), batch_tokens,
                                        self.encoder.config.max_len, width_of)
             batch = self.tokenizer.pad([encoded[i] for i in indices], length=width, rows=rows)
-            route = route_for(self.encoder, batch.attention_mask, repacked)
-            hidden = self.encoder(batch.input_ids, batch.attention_mask, route=route).last_hidden_state
-            shape = BatchShape(len(indices), rows, width, sum(lengths[i] for i in indices))
-            return indices, shape, finish(indices, hidden[: len(indices)].float(),
-                                          batch.attention_mask[: len(indices)])
+            mask = batch.attention_mask
+            route = route_for(self.encoder, mask, repacked)
+            # every real token's vector, (N, D) text after text: no padded batch to unpack
+            real_rows = self.encoder(batch.input_ids, mask, positions=mask.bool(), route=route).last_hidden_state
+            shape = BatchShape(len(indices), rows, width, sum(batch.n_tokens))
+            return indices, shape, finish(indices, real_rows.float(), batch.n_tokens)
 
         try:
             for indices, shape, result in run_in_streams(run, batches, self._stream_plan(len(batches))):
@@ -285,8 +286,10 @@ class Pipeline:
         caller (``engine.runtime.release_memory``): one that makes many small calls in a row, as
         the server does, trims when it is idle instead of after every call (~10% of a small call).
         """
-        yield from self._forward(encoded, batch_tokens, lambda _, hidden, mask: self.pooling(hidden, mask).numpy(),
-                                 on_batch, trim)
+        def finish(_: list[int], rows: torch.Tensor, lengths: list[int]) -> np.ndarray:
+            return self.pooling.pool_rows(rows, torch.tensor(lengths)).numpy()
+
+        yield from self._forward(encoded, batch_tokens, finish, on_batch, trim)
 
     def token_vector_batches(self, texts: Sequence[str], encoded: Sequence[Encoded],
                              batch_tokens: int | None = None,
@@ -294,13 +297,12 @@ class Pipeline:
                              ) -> Iterator[tuple[list[int], list[TokenVectors]]]:
         """(indices into ``encoded``, their ``TokenVectors``) per forward pass (the arguments as
         for ``sentence_vector_batches``)."""
-        def finish(indices: list[int], hidden: torch.Tensor, _: torch.Tensor) -> list[TokenVectors]:
-            hidden = hidden.numpy()
+        def finish(indices: list[int], rows: torch.Tensor, lengths: list[int]) -> list[TokenVectors]:
+            per_text = np.split(rows.numpy(), np.cumsum(lengths)[:-1])  # views, (n_tokens, D) each
             return [TokenVectors(
                 text=texts[i], tokens=encoded[i].tokens, ids=list(encoded[i].ids),
                 special=[bool(s) for s in encoded[i].special_tokens_mask],
-                vectors=hidden[row, : len(encoded[i].ids)].copy(),
-                truncated=encoded[i].truncated, n_tokens_full=encoded[i].n_tokens_full)
-                for row, i in enumerate(indices)]
+                vectors=vectors.copy(), truncated=encoded[i].truncated, n_tokens_full=encoded[i].n_tokens_full)
+                for i, vectors in zip(indices, per_text)]
 
         yield from self._forward(encoded, batch_tokens, finish, on_batch, trim)

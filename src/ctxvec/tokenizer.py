@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
@@ -59,15 +59,21 @@ class EmptyTextError(StrictError):
         super().__init__(index, "has no tokens (it is empty, or only whitespace or control characters)")
 
 
-@dataclass
+@dataclass(slots=True)
 class Encoded:
     """One text, tokenized and truncated but not padded."""
 
     ids: list[int]
-    tokens: list[str]
     special_tokens_mask: list[int]  # 1 where the token is a special token
     n_tokens_full: int  # tokens in the whole text, special tokens included
     truncated: bool
+    vocabulary: Sequence[str] = field(repr=False, compare=False)  # the tokenizer's, id -> token
+
+    @property
+    def tokens(self) -> list[str]:
+        """The word pieces, as strings: read from the vocabulary when asked (a sentence vector
+        never asks)."""
+        return [self.vocabulary[i] for i in self.ids]
 
 
 @dataclass
@@ -122,6 +128,17 @@ class Tokenizer:
         if max_len <= self.n_special:
             raise ValueError(f"max_len must exceed the {self.n_special} special tokens, got {max_len}.")
         self.max_len = max_len
+        self._vocabulary: list[str] | None = None
+
+    @property
+    def vocabulary(self) -> list[str]:
+        """Every token by its id (made once, when first asked)."""
+        if self._vocabulary is None:
+            by_token = self.backend.get_vocab(with_added_tokens=True)  # token -> id
+            self._vocabulary = [""] * (max(by_token.values(), default=-1) + 1)
+            for token, token_id in by_token.items():
+                self._vocabulary[token_id] = token
+        return self._vocabulary
 
     def _required_id(self, token: str) -> int:
         token_id = self.backend.token_to_id(token)
@@ -240,10 +257,11 @@ class Tokenizer:
             raise ValueError(f"max_len must be an integer above {self.n_special}, got {max_len!r}.")
         texts = as_texts(texts)
         budget = max_len - self.n_special
-        encoded = []
-        # The library's own template adds [CLS]/[SEP], in one batched call; a text over the limit
+        encoded, vocabulary = [], self.vocabulary
+        # The library's own template adds [CLS]/[SEP], in one batched call without the character
+        # offsets (nothing here reads them; the tokens come from the ids); a text over the limit
         # is encoded again without them, cut to the budget and given them after (post_process).
-        for i, enc in enumerate(self.backend.encode_batch(texts, add_special_tokens=True)):
+        for i, enc in enumerate(self.backend.encode_batch_fast(texts, add_special_tokens=True)):
             ids = enc.ids
             n_full = len(ids)
             truncated = n_full > max_len
@@ -256,7 +274,7 @@ class Tokenizer:
                 ids = enc.ids
             if strict and n_full == self.n_special:
                 raise EmptyTextError(i)
-            encoded.append(Encoded(ids, enc.tokens, enc.special_tokens_mask, n_full, truncated))
+            encoded.append(Encoded(ids, enc.special_tokens_mask, n_full, truncated, vocabulary))
         return encoded
 
     def pad(self, encoded: Sequence[Encoded], length: int | None = None, rows: int | None = None

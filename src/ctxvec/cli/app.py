@@ -6,6 +6,7 @@ The commands live in ``cli.vectors`` (encode, embed, evaluate, explain, models) 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import sys
 from pathlib import Path
@@ -108,7 +109,12 @@ def load_pipeline(model: str, precision: str, threads: int | None):
     if model in KNOWN_MODELS and Path(model).is_dir():
         click.echo(f"note: loading the built-in model {model!r}; for the folder of that name, "
                    f"give --model ./{model}", err=True)
-    return load(model, precision=precision)
+    pipeline = load(model, precision=precision)
+    # A command keeps PyTorch's modules and the model until it exits: frozen out of the
+    # collector's reach, a full collection walks only the objects made since (~1 ms where it
+    # walked ~200,000 in ~100 ms, a pause that every batch and request in flight waits through).
+    gc.freeze()
+    return pipeline
 
 
 def relaunch_under_torchrun(nproc: int) -> None:

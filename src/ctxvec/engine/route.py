@@ -88,6 +88,9 @@ class PackedRoute(FastRoute):
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         return self.packing.unpack(x)  # (R, D) -> (B, T, D), 0 at padding
 
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        return x[: self.packing.n_tokens]  # (R, D) -> (N, D): the packed rows as they are, spares cut
+
     def selected_rows(self, positions: torch.Tensor) -> torch.Tensor:
         packed_row = self.real.flatten().cumsum(0) - 1  # (B * T,) row of each real token
         return packed_row[positions.flatten()]  # (M,)

@@ -33,6 +33,14 @@ def one_hot(input_ids: torch.Tensor, vocab_size: int, dtype: torch.dtype = torch
     return nn.functional.one_hot(input_ids.long(), vocab_size).to(dtype)  # (B, T, V)
 
 
+def init_normal_(weight: torch.Tensor, std: float) -> None:
+    """Draw ``weight`` from N(0, std²), in place. A skeleton on the "meta" device (shapes only,
+    as loading checks a file against its config) has no values to draw: PyTorch would route
+    the draw through its reference implementations and import its compiler (~1 s)."""
+    if not weight.is_meta:
+        nn.init.normal_(weight, std=std)
+
+
 class TokenEmbedding(nn.Module):
     """Step 3: a learned (V, D) table; row ``i`` is token ``i``'s vector, learned by backprop."""
 
@@ -46,7 +54,7 @@ class TokenEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         # Scaled embeddings start at std d**-0.5 so that the product has unit scale.
-        nn.init.normal_(self.weight, std=self.weight.shape[1] ** -0.5 if self.scale != 1.0 else 0.02)
+        init_normal_(self.weight, std=self.weight.shape[1] ** -0.5 if self.scale != 1.0 else 0.02)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         x = nn.functional.embedding(input_ids, self.weight)  # (B, T, D), the same as one_hot @ weight
@@ -89,7 +97,7 @@ class LearnedPositionalEncoding(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.normal_(self.weight, std=0.02)
+        init_normal_(self.weight, std=0.02)
 
     def forward(self, seq_len: int, start: int = 0) -> torch.Tensor:
         return self.weight[start:start + seq_len]  # (T, D)
@@ -105,7 +113,8 @@ class Embeddings(nn.Module):
             self.positions: nn.Module = SinusoidalPositionalEncoding(config.max_len, config.d_model)
         else:
             self.positions = LearnedPositionalEncoding(config.max_len, config.d_model)
-        self.token_types = (nn.Embedding(config.type_vocab_size, config.d_model)
+        # BERT's segment embedding: a learned table like the tokens', one row per segment
+        self.token_types = (TokenEmbedding(config.type_vocab_size, config.d_model, scale=False)
                             if config.type_vocab_size else None)
         self.norm = (nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
                      if config.embedding_norm else None)

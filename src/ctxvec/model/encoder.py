@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ctxvec.model.config import EncoderConfig
-from ctxvec.model.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding
+from ctxvec.model.embedding import Embeddings, LearnedPositionalEncoding, TokenEmbedding, init_normal_
 from ctxvec.model.layer import EncoderLayer
 from ctxvec.model.masks import check_attention_mask, is_integer_tensor
 from ctxvec.model.route import Route, choose_route
@@ -106,7 +106,7 @@ def check_token_ids(ids: torch.Tensor, config: EncoderConfig, name: str = "input
 def init_weights(module: nn.Module) -> None:
     """One initialisation for every module (BERT's N(0, 0.02) for weight matrices)."""
     if isinstance(module, nn.Linear):
-        nn.init.normal_(module.weight, std=0.02)
+        init_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
     elif isinstance(module, nn.LayerNorm):
@@ -114,8 +114,6 @@ def init_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
     elif isinstance(module, (TokenEmbedding, LearnedPositionalEncoding)):
         module.reset_parameters()
-    elif isinstance(module, nn.Embedding):
-        nn.init.normal_(module.weight, std=0.02)
 
 
 class LayerStack(nn.Module):
@@ -162,7 +160,9 @@ class EncoderStack(LayerStack):
         vector is wanted (real tokens only; not to be confused with the position encoding,
         ``Embeddings.positions``). The output is then (M, D), ``full_output[positions]``, and the
         last layer runs its token-wise steps (out-projection, Add & Norm, feed-forward) at those
-        rows only.
+        rows only. ``positions`` equal to the attention mask (every real token) skips nothing:
+        the output is then the real tokens' rows, text after text, as the route holds them
+        (``Route.real_rows``; a pipeline pools from them without unpacking a padded batch).
         route: how to run (default: ``choose_route``, once for the whole stack).
         """
         if not isinstance(hidden_states, torch.Tensor) or hidden_states.dim() != 3:
@@ -181,13 +181,16 @@ class EncoderStack(LayerStack):
         description = route.describe() + ("; attention step by step: the probabilities are asked for"
                                           if output_attentions else "")
         log.debug("encoder route: %s", description)
-        selected = self._selected(positions, real, route) if positions is not None else None
-        if selected is not None and output_hidden_states:
-            raise ValueError("positions and output_hidden_states cannot be combined: the last "
-                             "layer computes only the chosen positions.")
+        if positions is not None:
+            self._check_positions(positions, real)
+            if output_hidden_states:
+                raise ValueError("positions and output_hidden_states cannot be combined: the last "
+                                 "layer computes only the chosen positions.")
+        every_real = positions is not None and torch.equal(positions, real)
+        selected = route.selected_rows(positions) if positions is not None and not every_real else None
         check_finite(hidden_states, "hidden_states", self, real)
         x = route.arrange(hidden_states)  # (B, T, D) -> the layers' view of the tokens
-        restore = route.restore if selected is None else (lambda t: t)
+        restore = route.real_rows if every_real else route.restore if selected is None else (lambda t: t)
         all_hidden = [hidden_states] if output_hidden_states else None
         all_attentions = [] if output_attentions else None
         for i, layer in enumerate(self.layers):
@@ -212,8 +215,8 @@ class EncoderStack(LayerStack):
         )
 
     @staticmethod
-    def _selected(positions: torch.Tensor, real: torch.Tensor, route: Route) -> torch.Tensor:
-        """(B, T) bool output positions -> (M,) their rows in the layers' view."""
+    def _check_positions(positions: torch.Tensor, real: torch.Tensor) -> None:
+        """(B, T) bool output positions, real tokens only."""
         if not isinstance(positions, torch.Tensor) or positions.dtype != torch.bool:
             raise TypeError("positions must be a bool tensor, True where an output is wanted.")
         if positions.shape != real.shape or positions.device != real.device:
@@ -221,7 +224,6 @@ class EncoderStack(LayerStack):
                              f"must match the input's (batch, seq_len) = {tuple(real.shape)} on {real.device}.")
         if bool((positions & ~real).any()):
             raise ValueError("positions marks a padding position; only real tokens have outputs.")
-        return route.selected_rows(positions)
 
 
 class Encoder(nn.Module):

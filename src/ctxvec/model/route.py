@@ -6,8 +6,8 @@ A layer projects with ``linear`` (with its activation) and, at a sub-layer's end
 probabilities are not wanted (when they are, the attention module computes them step by step
 itself); self-attention asks ``self_attend`` for the split, the attention and the concat at
 once. A stack hands its layers their input through ``arrange`` and takes it back through
-``restore``. This ``Route`` is the plain way, and the one to read: padded (B, T, D) tensors,
-``nn.Linear``, and PyTorch's fused attention kernel.
+``restore`` (or as the real tokens' rows, ``real_rows``). This ``Route`` is the plain way, and
+the one to read: padded (B, T, D) tensors, ``nn.Linear``, and PyTorch's fused attention kernel.
 
 A faster route may lay the tokens out otherwise and compute with other kernels, giving the
 same numbers; ``ctxvec.engine`` registers one (``register_route``). A stack asks
@@ -57,6 +57,10 @@ class Route:
     def restore(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, D) from the layers' view, 0 at padding."""
         return x if self.real is None else x.masked_fill(~self.real[..., None], 0.0)
+
+    def real_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, D): the real tokens' rows of the layers' view, text after text."""
+        return x.reshape(-1, x.shape[-1]) if self.real is None else x[self.real]
 
     def selected_rows(self, positions: torch.Tensor) -> torch.Tensor:
         """(B, T) bool positions -> (M,) their rows in the layers' view flattened to (-1, D)."""

@@ -123,9 +123,17 @@ def bert_state_dict(tensors: dict[str, torch.Tensor], config: EncoderConfig) -> 
     for i in range(config.n_layers):
         for part in ("weight", "bias"):
             # [W_q; W_k; W_v] stacked: one fused projection, the same numbers
-            state[f"stack.layers.{i}.attention.qkv.{part}"] = torch.cat(
+            state[f"stack.layers.{i}.attention.qkv.{part}"] = _stacked(
                 [theirs[f"encoder.layer.{i}.attention.self.{p}.{part}"] for p in ("query", "key", "value")])
     return state
+
+
+def _stacked(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The parts' rows one after another. Shapes only where they are on the "meta" device (a
+    file's header held against its config): PyTorch's meta ``cat`` imports its compiler (~1 s)."""
+    if parts[0].is_meta:
+        return parts[0].new_empty((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))
+    return torch.cat(parts)
 
 
 def sentence_pooling(folder: Path) -> Pooling:
