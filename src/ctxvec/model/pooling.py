@@ -44,12 +44,14 @@ class Pooling(nn.Module):
             # each text's sum, over its own rows in order, and its count; an empty text stays 0
             sums = rows.new_zeros(B, D).index_add(0, text, rows)  # (B, D)
             pooled = sums / lengths.clamp(min=1).to(rows.dtype)[:, None]
-        elif self.mode == "cls":
-            first = (torch.cumsum(lengths, 0) - lengths).clamp(max=max(len(rows) - 1, 0))  # (B,) first rows
-            pooled = rows[first] if len(rows) else rows.new_zeros(B, D)
         else:
-            pooled = rows.new_full((B, D), float("-inf")).scatter_reduce(0, text[:, None].expand(-1, D), rows, "amax")
-        pooled = torch.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D)
+            if self.mode == "cls":
+                first = (torch.cumsum(lengths, 0) - lengths).clamp(max=max(len(rows) - 1, 0))  # (B,) first rows
+                pooled = rows[first] if len(rows) else rows.new_zeros(B, D)
+            else:
+                pooled = rows.new_full((B, D), float("-inf")).scatter_reduce(0, text[:, None].expand(-1, D),
+                                                                             rows, "amax")
+            pooled = torch.where((lengths > 0)[:, None], pooled, 0.0)  # (B, D): an empty text is 0
         return F.normalize(pooled, p=2, dim=-1) if self.normalize else pooled
 
     def extra_repr(self) -> str:
