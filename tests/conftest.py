@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import gc
 import os
 import threading
 from pathlib import Path
@@ -70,6 +71,14 @@ def random_batch(batch: int, seq_len: int, vocab_size: int, generator: torch.Gen
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _thaw():
+    """A CLI command run in this process freezes its objects out of the garbage collector's
+    reach (``gc.freeze``, as it should in its own process): thaw them after each test."""
+    yield
+    gc.unfreeze()
 
 
 @pytest.fixture
