@@ -177,9 +177,9 @@ class Pipeline:
                  on_batch: Callable[[BatchShape], None] | None = None, trim: bool = True,
                  ) -> Iterator[tuple[list[int], Result]]:
         """(indices, ``finish(indices, rows (N, D) fp32, lengths)``) per length-sorted batch, in
-        order, ``rows`` the batch's real tokens' vectors text after text (``lengths`` of them); the batches run in streams (``engine.streams``) and
-        ``finish`` with them. ``trim``: give freed heap memory back to the system at the end
-        (``release_memory``)."""
+        order, ``rows`` the batch's real tokens' vectors text after text (``lengths`` of them);
+        the batches run in streams (``engine.streams``) and ``finish`` with them. ``trim``: give
+        freed heap memory back to the system at the end (``release_memory``)."""
         batch_tokens = self.batch_tokens if batch_tokens is None else batch_tokens
         if not is_int(batch_tokens) or batch_tokens < 1:
             raise ValueError(f"batch_tokens must be a positive integer, got {batch_tokens!r}.")
