@@ -117,6 +117,25 @@ def test_embed_writes_vectors_in_input_order_with_progress(tmp_path):
     assert not (tmp_path / ".v.npy.partial").exists()
 
 
+def test_embed_repacks_the_weights_once_for_the_whole_job(run, tmp_path, monkeypatch):
+    """The weights are fixed for the job: ``ctxvec embed`` repacks them for oneDNN once, not
+    once per chunk, and the vectors are the pipeline's own."""
+    import ctxvec.pipeline
+    from ctxvec.loading import load
+
+    calls = []
+    repack = ctxvec.pipeline.repack_weights
+    monkeypatch.setattr(ctxvec.pipeline, "repack_weights", lambda module: calls.append(1) or repack(module))
+    texts = [f"line {i}: " + "word " * (i % 7) for i in range(40)]
+    src, out = tmp_path / "in.txt", tmp_path / "v.npy"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    # 5 chunks of 8 lines, each in 4 batches of 2 (a plain call repacks from 3 batches on)
+    result = run("embed", str(src), "-o", str(out), "--chunk-size", "8", "--batch-tokens", "64")
+    assert result.exit_code == 0, result.output
+    assert len(calls) == 1
+    assert np.abs(np.load(out) - load("minilm").embed(texts)).max() < 1e-5
+
+
 def test_embed_json_lines(tmp_path):
     lines = [json.dumps({"text": t, "id": i}) for i, t in enumerate(["hello", "world"])]
     proc, out = _embed(tmp_path, ("\n".join(lines) + "\n").encode(), "in.jsonl")
