@@ -59,6 +59,24 @@ def test_a_command_freezes_what_it_loaded_out_of_the_collectors_reach(run):
     assert gc.get_freeze_count() > 10_000  # PyTorch's modules and the model, at least
 
 
+@pytest.mark.parametrize("failures, blamed", [
+    ({0: (3, 10.0), 1: (1, 10.5)}, 1),  # 0 stopped because 1 did, and was seen to end first
+    ({0: (1, 10.0), 1: (3, 10.5)}, 0),
+    ({0: (1, 11.0), 1: (1, 10.0), 2: (3, 9.0)}, 1),  # two causes: the first
+    ({0: (3, 11.0), 1: (3, 10.0)}, 1),  # none of its own: the first to end
+    ({0: (-9, 12.0), 1: (3, 10.0)}, 0),  # killed by a signal
+])
+def test_several_processes_name_the_one_that_stopped_for_a_reason_of_its_own(failures, blamed):
+    from types import SimpleNamespace
+
+    from ctxvec.cli.app import first_cause
+    from ctxvec.engine.distributed import PEER_STOPPED_EXIT
+
+    assert PEER_STOPPED_EXIT == 3
+    failures = {rank: SimpleNamespace(exitcode=code, timestamp=at) for rank, (code, at) in failures.items()}
+    assert first_cause(failures) == blamed
+
+
 def test_encode_uses_minilm_by_default(run):
     result = run("encode", "my name is aj")
     assert result.exit_code == 0 and "all-MiniLM-L6-v2" in result.output

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from ctxvec.engine.distributed import PeerStopped
+from ctxvec.engine.distributed import PEER_STOPPED_EXIT, PeerStopped
 from ctxvec.engine.runtime import PRECISIONS, set_threads
 from ctxvec.files import OutputError
 # click 8.2+ raises it for a bare `ctxvec`, to print the help (not an error to flatten)
@@ -49,7 +49,9 @@ def _errors_as_one_line():
     except click.ClickException:
         raise
     except PeerStopped as err:
-        raise click.ClickException(str(err)) from None
+        stopped = click.ClickException(str(err))
+        stopped.exit_code = PEER_STOPPED_EXIT  # not the cause: the launcher names the process that was
+        raise stopped from None
     except (ValueError, OSError) as err:
         if isinstance(err, OSError) and not isinstance(err, OutputError) and err.filename:
             raise click.ClickException(_one_line(f"{err.filename}: {(err.strerror or str(err)).lower()}.")) from None
@@ -117,12 +119,21 @@ def load_pipeline(model: str, precision: str, threads: int | None):
     return pipeline
 
 
+def first_cause(failures: dict) -> int:
+    """The rank of the process to blame among the launcher's ``failures`` (rank -> failure, each
+    with its ``exitcode`` and ``timestamp``): the first to stop for a reason of its own. The others
+    stop because it did (``PEER_STOPPED_EXIT``), and may be seen to end before it."""
+    causes = {rank: f for rank, f in failures.items() if f.exitcode != PEER_STOPPED_EXIT} or failures
+    return min(causes, key=lambda rank: causes[rank].timestamp)
+
+
 def relaunch_under_torchrun(nproc: int) -> None:
     """``--nproc N``: run this same command line in N processes on this machine, as ``torchrun
     --standalone`` would (PyTorch's elastic launcher), then exit with their outcome.
 
-    Each process prints its own one-line error; a failure adds one line naming the process, in
-    place of the launcher's report and traceback.
+    Each process prints its own one-line error; a failure adds one line naming the process that
+    stopped first for a reason of its own (``first_cause``), in place of the launcher's report
+    and traceback.
     """
     if nproc <= 1 or "WORLD_SIZE" in os.environ:
         return
@@ -146,7 +157,8 @@ def relaunch_under_torchrun(nproc: int) -> None:
     try:
         elastic_launch(config, sys.executable)("-m", "ctxvec", *args)
     except ChildFailedError as err:
-        rank, failure = err.get_first_failure()
+        rank = first_cause(err.failures)
+        failure = err.failures[rank]
         click.echo(f"Error: process {rank} of {nproc} stopped (exit code {failure.exitcode}); "
                    "its message is above.", err=True)
         raise SystemExit(failure.exitcode if 0 < failure.exitcode < 256 else 1) from None

@@ -11,6 +11,12 @@ import torch
 import torch.distributed as dist
 
 
+# The exit status of a process that stops because another one did (``PeerStopped``): the
+# launcher (``ctxvec ... --nproc N``) then names the process that stopped first for a reason of
+# its own, whichever of them the group saw end first.
+PEER_STOPPED_EXIT = 3
+
+
 class PeerStopped(Exception):
     """Another process of the group stopped (its own error says why): this one cannot go on."""
 
