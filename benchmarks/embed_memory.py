@@ -54,16 +54,32 @@ def run(file: Path, out: Path, precision: str, threads: int, every: float) -> di
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({process.returncode}): {stderr.strip()[-500:]}")
     seconds = time.perf_counter() - start
+    return {"precision": precision, "seconds": seconds, "samples": len(samples), **memory_points(samples)}
 
-    def at(fraction: float) -> float:  # the median of the samples within 5% of the run around it
-        total = samples[-1][0]
+
+def memory_points(samples: list[tuple[float, float]]) -> dict:
+    """The resident memory of (seconds, MB) samples at 25%, 50%, 75% and 90% of the run (each the
+    median of the samples within 5% of the run around it), at the end and at its peak; and the
+    growth after the first quarter (90% against 25%)."""
+    total = samples[-1][0]
+
+    def at(fraction: float) -> float:
         window = [mb for t, mb in samples if abs(t - fraction * total) <= 0.05 * total]
         return statistics.median(window or [min(samples, key=lambda s: abs(s[0] - fraction * total))[1]])
 
-    return {"precision": precision, "seconds": seconds, "samples": len(samples),
-            "rss_mb": {"25%": at(0.25), "50%": at(0.5), "75%": at(0.75), "90%": at(0.9), "end": samples[-1][1],
+    return {"rss_mb": {"25%": at(0.25), "50%": at(0.5), "75%": at(0.75), "90%": at(0.9), "end": samples[-1][1],
                        "peak": max(mb for _, mb in samples)},
             "growth_after_first_quarter_mb": at(0.9) - at(0.25)}
+
+
+MEMORY_COLUMNS = "at 25% | 50% | 75% | 90% | end | peak | growth after the first quarter"
+
+
+def memory_cells(run: dict) -> str:
+    """A run's ``memory_points`` as the table's cells under ``MEMORY_COLUMNS``."""
+    m = run["rss_mb"]
+    return (f"{m['25%']:.0f} | {m['50%']:.0f} | {m['75%']:.0f} | {m['90%']:.0f} | {m['end']:.0f} | "
+            f"{m['peak']:.0f} | {run['growth_after_first_quarter_mb']:+.0f}")
 
 
 def main() -> None:
@@ -90,13 +106,9 @@ def main() -> None:
           "(shuffled, repeated), MiniLM; the process's resident memory (MB) sampled every "
           f"{args.every:g} s, each point the median of the samples within 5% of the run around it; growth: "
           "90% against 25%.", "",
-          "| precision | lines/s | at 25% | 50% | 75% | 90% | end | peak | growth after the first quarter |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          f"| precision | lines/s | {MEMORY_COLUMNS} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        m = r["rss_mb"]
-        md.append(f"| {r['precision']} | {args.lines / r['seconds']:.0f} | {m['25%']:.0f} | {m['50%']:.0f} | "
-                  f"{m['75%']:.0f} | {m['90%']:.0f} | {m['end']:.0f} | {m['peak']:.0f} | "
-                  f"{r['growth_after_first_quarter_mb']:+.0f} |")
+        md.append(f"| {r['precision']} | {args.lines / r['seconds']:.0f} | {memory_cells(r)} |")
     write_results("embed_memory", result, "\n".join(md) + "\n", ROOT / "benchmarks" / "results", update=True)
 
 
