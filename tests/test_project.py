@@ -54,7 +54,7 @@ import ast  # noqa: E402
 
 # Bottom to top: a module may import from its own layer's package and from the layers below.
 LAYERS = [
-    ("ctxvec.files", "ctxvec.texts", "ctxvec.validation", "ctxvec.pairs"),
+    ("ctxvec.files", "ctxvec.texts", "ctxvec.validation", "ctxvec.pairs", "ctxvec.malloc"),
     ("ctxvec.model.config",),
     ("ctxvec.tokenizer",),
     ("ctxvec.model",),  # the readable model: nothing above it, and no engine

@@ -252,6 +252,20 @@ def test_the_key_can_come_from_the_environment():
         assert embed(url, {"input": "x"}, headers={"Authorization": "Bearer from-env"}).status_code == 200
 
 
+@pytest.mark.parametrize("choice", ["default", "system"])
+def test_the_server_runs_under_jemalloc_where_installed_with_the_same_vectors(choice):
+    """``ctxvec.malloc``: the command starts again under jemalloc (CTXVEC_MALLOC=system: glibc's)."""
+    from ctxvec.malloc import jemalloc_path
+
+    expected = "jemalloc" if choice == "default" and jemalloc_path() else "system"
+    with running_server("seed", env={"CTXVEC_MALLOC": choice}) as (url, proc):
+        with open(f"/proc/{proc.pid}/maps") as maps:
+            assert ("libjemalloc" in maps.read()) == (expected == "jemalloc")
+        got = embed(url, {"input": TEXTS, "encoding_format": "float"}, headers={}).json()["data"]
+    want = ctxvec.load("seed").embed(TEXTS)
+    assert np.abs(np.array([d["embedding"] for d in got]) - want).max() < 1e-6
+
+
 # ---- limits, overload, timeouts, clients that leave ----------------------------------------------
 
 def test_limits_overload_and_recovery(tiny_model):

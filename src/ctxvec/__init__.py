@@ -7,11 +7,16 @@ The package, bottom to top (imports only go downward):
 - ``engine``: how the same model runs fast (packed tokens, oneDNN, batched attention, shape
   buckets, precision, threads), chosen once per forward pass through ``model.route``;
 - ``files``, ``texts``, ``weights``: crash-safe files, reading texts, weights on disk;
+- ``malloc``: the ``ctxvec`` command starts itself under jemalloc, first of all;
 - ``train``, ``translate``, ``explain``: training, translation, the explain page;
 - ``pipeline``, ``loading``, ``embed_file``: texts -> vectors, models by name, whole files;
 - ``pairs``, ``evaluation``: sentence-pair files, and how well vectors follow human similarity;
 - ``cli``: the ``ctxvec`` command.
 """
+
+from ctxvec.malloc import run_command_under_jemalloc
+
+run_command_under_jemalloc()  # the ctxvec command only, and before torch is imported (see malloc.py)
 
 import ctxvec.engine  # noqa: F401  (registers the engine's fast route with the model)
 from ctxvec.embed_file import EmbedFileResult, embed_file

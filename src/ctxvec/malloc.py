@@ -1,0 +1,93 @@
+"""Which malloc the ``ctxvec`` command runs with: jemalloc where the machine has it.
+
+A forward pass makes and frees hundreds of tensors of ever-different sizes, from two streams
+(threads) at once. glibc's malloc serves them ~5-10% slower in bf16 than jemalloc does (fp32,
+where the matrix multiplies take most of the time, is level: BENCHMARKS.md), and PyTorch's CPU
+tuning guide gives the same advice. A process picks its malloc when it starts, through the
+dynamic loader (``LD_PRELOAD``), so the command starts itself again under jemalloc before it
+imports anything else (``ctxvec/__init__.py`` calls ``run_command_under_jemalloc`` first).
+The exec keeps the process id, its open files and its standard streams; it costs ~20 ms.
+
+- Only the ``ctxvec`` command (``ctxvec ...``, ``python -m ctxvec ...``, ``torchrun -m ctxvec``)
+  does this: a program that imports ctxvec keeps its malloc (set ``LD_PRELOAD`` for it as the
+  README shows).
+- It does not where ``LD_PRELOAD`` is set already (the user chose), where
+  ``CTXVEC_MALLOC=system``, off Linux, or where no jemalloc is installed (``scripts/setup.sh``
+  installs Debian's ``libjemalloc2``; without it the command runs on glibc's malloc, as before).
+- The process takes ``LD_PRELOAD`` out of its environment again once started, so the programs
+  it starts (compilers, a browser, its own worker processes, which each do this themselves)
+  start as they would have.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+# Debian/Ubuntu (multiarch), Fedora/RHEL, others, and a conda environment's own.
+JEMALLOC_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib",
+                 "/usr/local/lib", f"{sys.prefix}/lib")
+JEMALLOC = "libjemalloc.so.2"
+# background_thread: freed pages go back to the system on a thread of jemalloc's own, on time,
+# not on the next allocation of a compute thread; the resident memory of a long job stays flat.
+JEMALLOC_CONF = "background_thread:true"
+STARTED = "CTXVEC_MALLOC_STARTED"  # the process id that was started again under jemalloc
+_started_again = False  # this process is one that was (its environment no longer says so)
+
+
+def jemalloc_path() -> str | None:
+    return next((str(p) for d in JEMALLOC_DIRS if (p := Path(d) / JEMALLOC).is_file()), None)
+
+
+def command_argv() -> list[str] | None:
+    """The command line that runs this interpreter's ``ctxvec`` command again, or None when this
+    interpreter runs something else (a program or a test that imports ctxvec)."""
+    argv = list(getattr(sys, "orig_argv", []))
+    if sys.argv[:1] == ["-m"] and "-m" in argv[1:]:  # python [options] -m ctxvec ...: while it is found
+        at = argv.index("-m", 1)
+        return [sys.executable, *argv[1:]] if argv[at + 1:at + 2] == ["ctxvec"] else None
+    if sys.argv[:1] and Path(sys.argv[0]).name == "ctxvec" and argv[1:2] == sys.argv[:1]:  # the script
+        return [sys.executable, *argv[1:]]
+    return None
+
+
+def in_use() -> str:
+    """The malloc this process runs with: "jemalloc" or "system" (what the loader mapped)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "system"
+    return "jemalloc" if "libjemalloc" in maps else "system"
+
+
+def run_command_under_jemalloc() -> None:
+    """Start this ``ctxvec`` command again under jemalloc (see the module's text); returns where
+    it does not, and in the process that was started again."""
+    start_again_under_jemalloc(command_argv())
+
+
+def start_again_under_jemalloc(argv: list[str] | None) -> None:
+    """Replace this process with ``argv`` (this same program's command line) under jemalloc, or
+    return: where it is the process started so (whose children then start clean), where
+    ``argv`` is None, and where it does not apply (see the module's text). Benchmarks call it to
+    run as the command does."""
+    global _started_again
+    env = os.environ
+    if env.get(STARTED) == str(os.getpid()):  # the second start: its children start clean
+        del env[STARTED], env["LD_PRELOAD"]
+        _started_again = True
+    if _started_again or argv is None or sys.platform != "linux" or env.get("LD_PRELOAD") \
+            or env.get("CTXVEC_MALLOC") == "system":
+        return
+    library = jemalloc_path()
+    if library is None or in_use() == "jemalloc":  # never twice
+        return
+    # MALLOC_CONF stays for the children (only jemalloc reads it); the user's own is kept.
+    env = {"MALLOC_CONF": JEMALLOC_CONF, **env, STARTED: str(os.getpid()), "LD_PRELOAD": library}
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(argv[0], argv, env)
+    except OSError:  # cannot exec (a sandbox): on with glibc's malloc
+        return
