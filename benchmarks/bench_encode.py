@@ -63,6 +63,7 @@ class System:
     times: list = field(default_factory=list)
     peak_mb: float = 0.0
     output: object = None
+    own_peak_mb: object = None  # () -> peak MB, for a system that runs in a process of its own
 
 
 def padded(lengths, batches) -> int:
@@ -209,6 +210,29 @@ def seed_systems(texts: list[str]) -> list[System]:
     ]
 
 
+COMMAND = ", as the command runs (jemalloc)"
+
+
+def command_malloc_systems(systems: list[System], texts: list[str], bf16_texts: list[str], threads: int,
+                           workdir: Path):
+    """ctxvec fp32 and bf16 as the ``ctxvec`` command runs them, under jemalloc, in a process of
+    their own (``command_malloc.py``), appended to ``systems``; the worker, or None where no
+    jemalloc is installed."""
+    from command_malloc import CommandMalloc
+    from ctxvec.malloc import jemalloc_path
+
+    if jemalloc_path() is None:
+        print("no jemalloc installed: no rows as the command runs", flush=True)
+        return None
+    worker = CommandMalloc({"fp32": texts, "bf16": bf16_texts}, threads, workdir)
+    by = {s.name: s for s in systems}
+    for p in ("fp32", "bf16"):
+        twin = by[f"ctxvec {p}"]
+        systems.append(System(f"ctxvec {p}{COMMAND}", "minilm", p, partial(worker.embed, p), twin.lengths,
+                              twin.padded_slots, twin.lines, own_peak_mb=lambda: worker.peak_mb))
+    return worker
+
+
 def time_systems(systems: list[System], rounds: int, slow_rounds: int) -> None:
     for s in systems:  # warm-up: every kernel and allocation path once, on a little of the work
         s.run(64 if s.model == "minilm" else 4)
@@ -221,7 +245,7 @@ def time_systems(systems: list[System], rounds: int, slow_rounds: int) -> None:
             start = time.perf_counter()
             s.output = s.run()
             s.times.append(time.perf_counter() - start)
-            s.peak_mb = max(s.peak_mb, (peak_rss() - base) / 2**20)
+            s.peak_mb = max(s.peak_mb, s.own_peak_mb() if s.own_peak_mb else (peak_rss() - base) / 2**20)
             print(f"  round {r + 1}: {s.name}: {s.times[-1]:.2f} s", flush=True)
 
 
@@ -297,7 +321,10 @@ def main() -> None:
         calibration = (random.Random(1).sample(unseen, 256) if not args.passages  # NNCF's: not the timed text
                        else passages(unseen, 64, args.passages, random.Random(1)))
         systems += exported_systems(sample, sample[:bf16_lines], args.threads, Path(workdir.name), calibration)
+    worker = command_malloc_systems(systems, sample, sample[:bf16_lines], args.threads, Path(workdir.name))
     time_systems(systems, args.rounds, slow_rounds=1)
+    if worker:
+        worker.close()
     workdir.cleanup()
     checks = check_outputs(systems)
     configs = {"minilm": ctxvec.load("minilm").encoder.config, "seed": ctxvec.EncoderConfig()}
@@ -327,6 +354,10 @@ def main() -> None:
         "ctxvec bf16 / sentence-transformers bf16": ratio("ctxvec bf16", "sentence-transformers bf16"),
         "ctxvec fp32 / HF BertModel unsorted": ratio("ctxvec fp32", "HF BertModel fp32, unsorted batches of 32"),
         **{f"ctxvec {p} / ctxvec {p}, one stream": ratio(f"ctxvec {p}", f"ctxvec {p}, one stream") for p in ("fp32", "bf16")},
+        **{f"ctxvec {p}{COMMAND} / {other}": ratio(f"ctxvec {p}{COMMAND}", other)
+           for p in ("fp32", "bf16") if f"ctxvec {p}{COMMAND}" in by
+           for other in (f"ctxvec {p}", f"sentence-transformers {p}", f"OpenVINO {p}", f"OpenVINO {p} throughput")
+           if other in by},
         **{f"ctxvec {p} / {peer}": ratio(f"ctxvec {p}", peer)
            for p in ("fp32", "bf16") for peer in (f"ONNX Runtime {p}", f"OpenVINO {p}", f"OpenVINO {p} throughput")
            if peer in by},
@@ -360,7 +391,9 @@ def markdown(r: dict) -> str:
     m = r["machine"]
     out = [f"Machine: {m['cpu']}, matrix units: **{m['matrix_units']}** ({', '.join(m['simd'])}; native bf16: "
            f"{'yes' if m['native_bf16'] else 'no'}), "
-           f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}.",
+           f"{r['threads']} threads, torch {m['torch']}, Python {m['python']}; {r['date']}. malloc: the system's "
+           "for every system in the benchmark's process; the rows \"as the command runs\" are ctxvec in a process "
+           "of its own under jemalloc, as the `ctxvec` command runs (`benchmarks/command_malloc.py`).",
            (f"Text: {r['lines']} random lines of `{r['corpus']}` (MiniLM)" if not r.get("passages") else
             f"Text: {r['lines']} passages of {r['passages']} to {2 * r['passages']} random lines of `{r['corpus']}` "
             f"joined (MiniLM; median {r['tokens_per_text']:.0f} tokens, cut to its 256)")

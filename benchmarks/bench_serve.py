@@ -49,7 +49,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
+from common import ROOT, SHARED_WEB, as_the_command_runs, machine, write_results  # noqa: E402
 
 import ctxvec  # noqa: E402
 from ctxvec.weights.huggingface import minilm_dir  # noqa: E402
@@ -270,6 +270,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--no-update", action="store_true", help="leave BENCHMARKS.md alone")
     args = parser.parse_args()
+    as_the_command_runs()
     if not SHARED_WEB.exists():
         sys.exit(f"{SHARED_WEB} is not here: the benchmark needs the shared corpus.")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -337,7 +338,9 @@ def markdown(result: dict, cells: list[Cell], limit: float) -> str:
         f"vectors, every answer checked (min cosine to ctxvec in-process fp32 >= {MIN_COSINE[precision]}).",
         "",
         f"In-process `Pipeline.embed` of the same texts in {precision} (the limit): **{limit:.1f} sentences/s**, "
-        f"{result['in_process_cpu_ms']:.3f} ms of CPU per sentence. Peer: {result['peer']}.",
+        f"{result['in_process_cpu_ms']:.3f} ms of CPU per sentence. Peer: {result['peer']}. malloc: "
+        f"{facts.get('malloc', 'system')} for the in-process run and ctxvec serve (`ctxvec.malloc`), the "
+        "system's for the peer, as each runs by default.",
         "",
         "CPU ms per sentence: CPU time over the measured seconds divided by the sentences answered, of the "
         "server's process (all its threads) and of the load generator, which shares the cores.",

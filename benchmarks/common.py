@@ -5,12 +5,14 @@ from __future__ import annotations
 import platform
 import re
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from ctxvec import malloc
 from ctxvec.model.config import EncoderConfig
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,7 +33,15 @@ def machine() -> dict:
             "threads": torch.get_num_threads(),
             "torch": torch.__version__, "python": platform.python_version(),
             "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())}
+            "native_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "malloc": malloc.in_use()}
+
+
+def as_the_command_runs() -> None:
+    """Start this benchmark again under the malloc that the ``ctxvec`` command runs with
+    (``ctxvec.malloc``: jemalloc where installed), so that what it measures in its own process
+    is what the command does. Every system it times in this process runs under that malloc alike;
+    the servers it starts run under their own (``ctxvec serve``: jemalloc; a peer: the system's)."""
+    malloc.start_again_under_jemalloc([sys.executable, *sys.orig_argv[1:]])
 
 
 def matrix_units(flags: set[str]) -> str:

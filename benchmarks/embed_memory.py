@@ -39,22 +39,34 @@ def rss_mb(pid: int) -> float | None:
     return None
 
 
+def malloc_of(pid: int) -> str | None:
+    """The malloc a process runs with, as its loader mapped it: "jemalloc" or "system"
+    (``ctxvec.malloc``: the command starts itself under jemalloc where installed)."""
+    try:
+        return "jemalloc" if "libjemalloc" in Path(f"/proc/{pid}/maps").read_text() else "system"
+    except OSError:
+        return None
+
+
 def run(file: Path, out: Path, precision: str, threads: int, every: float) -> dict:
     cmd = [sys.executable, "-m", "ctxvec", "embed", str(file), "-o", str(out), "--precision", precision,
            "--threads", str(threads)]
     start = time.perf_counter()
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     samples = []  # (seconds, MB)
+    malloc = None
     while process.poll() is None:
         mb = rss_mb(process.pid)
         if mb is not None:
             samples.append((time.perf_counter() - start, mb))
+            malloc = malloc_of(process.pid) or malloc
         time.sleep(every)
     stderr = process.stderr.read()
     if process.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed ({process.returncode}): {stderr.strip()[-500:]}")
     seconds = time.perf_counter() - start
-    return {"precision": precision, "seconds": seconds, "samples": len(samples), **memory_points(samples)}
+    return {"precision": precision, "malloc": malloc, "seconds": seconds, "samples": len(samples),
+            **memory_points(samples)}
 
 
 def memory_points(samples: list[tuple[float, float]]) -> dict:
@@ -106,9 +118,9 @@ def main() -> None:
           "(shuffled, repeated), MiniLM; the process's resident memory (MB) sampled every "
           f"{args.every:g} s, each point the median of the samples within 5% of the run around it; growth: "
           "90% against 25%.", "",
-          f"| precision | lines/s | {MEMORY_COLUMNS} |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          f"| precision | malloc | lines/s | {MEMORY_COLUMNS} |", "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        md.append(f"| {r['precision']} | {args.lines / r['seconds']:.0f} | {memory_cells(r)} |")
+        md.append(f"| {r['precision']} | {r['malloc']} | {args.lines / r['seconds']:.0f} | {memory_cells(r)} |")
     write_results("embed_memory", result, "\n".join(md) + "\n", ROOT / "benchmarks" / "results", update=True)
 
 

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import Connection, ctxvec_server  # noqa: E402
 from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
-from embed_memory import MEMORY_COLUMNS, memory_cells, memory_points, rss_mb  # noqa: E402
+from embed_memory import MEMORY_COLUMNS, malloc_of, memory_cells, memory_points, rss_mb  # noqa: E402
 
 MAX_TEXTS = 32  # texts in the largest request
 
@@ -78,14 +78,14 @@ def run(texts: list[str], precision: str, threads: int, clients: int, seconds: f
 
     sampler = threading.Thread(target=sample, daemon=True)
     try:
-        loaded = rss_mb(server.proc.pid)
+        loaded, malloc = rss_mb(server.proc.pid), malloc_of(server.proc.pid)
         sampler.start()
         asyncio.run(load(server.port, server.path, texts, clients, seconds, counts))
     finally:
         done.set()
         sampler.join()
         server.stop()
-    return {"precision": precision, "seconds": seconds, "requests": counts[0], "sentences": counts[1],
+    return {"precision": precision, "malloc": malloc, "seconds": seconds, "requests": counts[0], "sentences": counts[1],
             "samples": len(samples), "loaded_mb": loaded, **memory_points(samples)}
 
 
@@ -115,10 +115,10 @@ def main() -> None:
           "(half of them one), every answer checked; the server's resident memory (MB) sampled every "
           f"{args.every:g} s, each point the median of the samples within 5% of the run around it; growth: "
           "90% against 25%.", "",
-          f"| precision | requests | sentences/s | loaded | {MEMORY_COLUMNS} |",
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          f"| precision | malloc | requests | sentences/s | loaded | {MEMORY_COLUMNS} |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
-        md.append(f"| {r['precision']} | {r['requests']:,} | {r['sentences'] / r['seconds']:.0f} | "
+        md.append(f"| {r['precision']} | {r['malloc']} | {r['requests']:,} | {r['sentences'] / r['seconds']:.0f} | "
                   f"{r['loaded_mb']:.0f} | {memory_cells(r)} |")
     write_results("serve_memory", result, "\n".join(md) + "\n", ROOT / "benchmarks" / "results", update=True)
 

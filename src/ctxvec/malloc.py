@@ -17,6 +17,8 @@ The exec keeps the process id, its open files and its standard streams; it costs
 - The process takes ``LD_PRELOAD`` out of its environment again once started, so the programs
   it starts (compilers, a browser, its own worker processes, which each do this themselves)
   start as they would have.
+- A library that frees with glibc what another malloc allocated cannot run under it (OpenVINO
+  aborts so); the command loads none such.
 """
 
 from __future__ import annotations

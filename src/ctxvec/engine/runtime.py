@@ -60,7 +60,8 @@ _last_trim = float("-inf")  # time.monotonic() of the last trim
 
 
 def release_memory(min_interval: float = 0.0) -> bool:
-    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+    """Give freed heap memory back to the system (glibc ``malloc_trim``; a no-op elsewhere, and
+    cheap under jemalloc, the ``ctxvec`` command's malloc, which hands pages back on its own thread).
 
     Batches of ever-different shapes leave glibc's heap fragmented, so a long job's resident
     memory creeps up although nothing is kept; trimming after each call keeps it flat. A trim
