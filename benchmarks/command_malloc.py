@@ -39,7 +39,9 @@ class CommandMalloc:
         env = {**os.environ, "LD_PRELOAD": library, "MALLOC_CONF": os.environ.get("MALLOC_CONF", JEMALLOC_CONF)}
         self.proc = subprocess.Popen([sys.executable, __file__, str(spec), str(threads)], stdin=subprocess.PIPE,
                                      stdout=subprocess.PIPE, env=env)
-        self.malloc = self.proc.stdout.readline().decode().strip()  # what the worker's loader mapped
+        malloc = self.proc.stdout.readline().decode().strip()  # what the worker's loader mapped
+        if malloc != "jemalloc":
+            raise RuntimeError(f"the worker runs under {malloc or 'nothing: it stopped'}, not jemalloc")
         self.peak_mb = 0.0
 
     def embed(self, precision: str, n: int | None = None) -> np.ndarray:
@@ -62,7 +64,11 @@ def serve(spec: Path, threads: int) -> None:
     from ctxvec.malloc import in_use
     from common import peak_rss, reset_peak_rss
 
-    out, sys.stdout = sys.stdout.buffer, sys.stderr  # the pipe carries answers only
+    # The pipe carries answers only: whatever else writes to standard output (Python, or a C
+    # library's own messages) goes to standard error.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    sys.stdout = sys.stderr
     torch.set_num_threads(threads)
     texts = json.loads(spec.read_text(encoding="utf-8"))
     pipelines = {p: ctxvec.load("minilm", precision=p) for p in texts}

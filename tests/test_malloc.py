@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 
 import pytest
@@ -16,8 +17,12 @@ PYTHON = sys.executable
     (["-m", "embed"], ["python3", "-m", "ctxvec", "embed"], [PYTHON, "-m", "ctxvec", "embed"]),
     (["-m", "x"], ["python3", "-W", "error", "-X", "dev", "-m", "ctxvec", "x"],
      [PYTHON, "-W", "error", "-X", "dev", "-m", "ctxvec", "x"]),  # the interpreter's options kept
+    (["-m", "x"], ["python3", "-mctxvec", "x"], [PYTHON, "-mctxvec", "x"]),
     (["/venv/bin/ctxvec", "serve"], ["/venv/bin/python", "/venv/bin/ctxvec", "serve"],
      [PYTHON, "/venv/bin/ctxvec", "serve"]),  # the installed script
+    (["/venv/bin/ctxvec", "serve"], ["/usr/bin/python3", "-s", "/venv/bin/ctxvec", "serve"],
+     [PYTHON, "-s", "/venv/bin/ctxvec", "serve"]),  # a shebang with the interpreter's options
+    (["-m", "x"], ["python3", "-mpytest", "x"], None),
     (["-m"], ["python3", "-m", "pytest"], None),  # a program that imports ctxvec: never
     (["app.py"], ["python3", "app.py"], None),
     (["-c"], ["python3", "-c", "import ctxvec"], None),
@@ -49,7 +54,7 @@ def test_the_command_is_started_again_with_jemalloc_preloaded(monkeypatch, execs
     malloc.start_again_under_jemalloc([PYTHON, "-m", "ctxvec", "embed"])
     [(path, argv, env)] = execs
     assert path == PYTHON and argv == [PYTHON, "-m", "ctxvec", "embed"]
-    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and env[malloc.STARTED] == str(os.getpid())
+    assert env["LD_PRELOAD"] == "/lib/libjemalloc.so.2" and env[malloc.STARTED].startswith(f"{os.getpid()}:")
     assert env["MALLOC_CONF"] == (user_conf or malloc.JEMALLOC_CONF)
     assert "LD_PRELOAD" not in os.environ  # this process's own environment is untouched
 
@@ -75,26 +80,43 @@ def test_nothing_happens_without_jemalloc_or_a_command_or_with_jemalloc_mapped(m
     assert execs == []
 
 
-def test_the_process_started_again_gives_its_children_a_clean_start(monkeypatch, execs):
-    monkeypatch.setenv(malloc.STARTED, str(os.getpid()))
-    monkeypatch.setenv("LD_PRELOAD", "/lib/libjemalloc.so.2")
-    monkeypatch.setenv("MALLOC_CONF", malloc.JEMALLOC_CONF)
+@pytest.mark.parametrize("user_conf", [None, "narenas:1"])
+@pytest.mark.parametrize("loader_kept_preload", [True, False])  # glibc drops it for a setcap python
+def test_the_process_started_again_gives_its_children_a_clean_start(monkeypatch, execs, user_conf,
+                                                                     loader_kept_preload):
+    if user_conf:
+        monkeypatch.setenv("MALLOC_CONF", user_conf)
+    malloc.start_again_under_jemalloc([PYTHON, "-m", "ctxvec", "embed"])
+    [(_, _, env)] = execs
+    for name in (malloc.STARTED, "LD_PRELOAD", "MALLOC_CONF"):  # what the second start finds
+        monkeypatch.setenv(name, env[name])
+    if not loader_kept_preload:
+        monkeypatch.delenv("LD_PRELOAD")
     malloc.start_again_under_jemalloc(None)  # ctxvec/__init__.py, in a benchmark's process
     malloc.start_again_under_jemalloc([PYTHON, "benchmarks/bench_encode.py"])  # then the benchmark's own call
-    assert execs == []  # never twice
+    assert len(execs) == 1  # never twice
     assert malloc.STARTED not in os.environ and "LD_PRELOAD" not in os.environ
-    # A child (another process id) that is the command starts itself again: it sees no marker.
-    assert os.environ["MALLOC_CONF"] == malloc.JEMALLOC_CONF
+    assert os.environ.get("MALLOC_CONF") == user_conf  # the user's own stays; ctxvec's goes
 
 
 def test_a_failed_exec_goes_on_with_the_system_malloc(monkeypatch, execs):
+    refused = []
+
     def refuse(*args):
+        refused.append(args)
         raise PermissionError("exec not allowed")
 
     monkeypatch.setattr(malloc.os, "execve", refuse)
-    assert malloc.start_again_under_jemalloc([PYTHON, "-m", "ctxvec", "embed"]) is None
+    malloc.start_again_under_jemalloc([PYTHON, "-m", "ctxvec", "embed"])  # returns: the command goes on
+    assert len(refused) == 1 and "LD_PRELOAD" not in os.environ
 
 
 def test_this_test_process_keeps_its_malloc():
     """pytest imports ctxvec but is not the command: it never runs under a malloc of ctxvec's."""
     assert malloc.command_argv() is None
+
+
+def test_the_command_runs_with_its_standard_output_closed():
+    """A daemon's command has no stdout (sys.stdout is None): the restart still goes through."""
+    proc = subprocess.run(["bash", "-c", f"'{PYTHON}' -m ctxvec --version >&-"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr

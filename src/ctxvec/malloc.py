@@ -14,9 +14,9 @@ The exec keeps the process id, its open files and its standard streams; it costs
 - It does not where ``LD_PRELOAD`` is set already (the user chose), where
   ``CTXVEC_MALLOC=system``, off Linux, or where no jemalloc is installed (``scripts/setup.sh``
   installs Debian's ``libjemalloc2``; without it the command runs on glibc's malloc, as before).
-- The process takes ``LD_PRELOAD`` out of its environment again once started, so the programs
-  it starts (compilers, a browser, its own worker processes, which each do this themselves)
-  start as they would have.
+- The process takes ``LD_PRELOAD`` (and ``MALLOC_CONF`` where it set it) out of its environment
+  again once started, so the programs it starts (compilers, a browser, its own worker
+  processes, which each do this themselves) start as they would have.
 - A library that frees with glibc what another malloc allocated cannot run under it (OpenVINO
   aborts so); the command loads none such.
 """
@@ -34,7 +34,7 @@ JEMALLOC = "libjemalloc.so.2"
 # background_thread: freed pages go back to the system on a thread of jemalloc's own, on time,
 # not on the next allocation of a compute thread; the resident memory of a long job stays flat.
 JEMALLOC_CONF = "background_thread:true"
-STARTED = "CTXVEC_MALLOC_STARTED"  # the process id that was started again under jemalloc
+STARTED = "CTXVEC_MALLOC_STARTED"  # "PID:" or "PID:conf" (ctxvec set MALLOC_CONF) of the process started again
 _started_again = False  # this process is one that was (its environment no longer says so)
 
 
@@ -46,11 +46,16 @@ def command_argv() -> list[str] | None:
     """The command line that runs this interpreter's ``ctxvec`` command again, or None when this
     interpreter runs something else (a program or a test that imports ctxvec)."""
     argv = list(getattr(sys, "orig_argv", []))
-    if sys.argv[:1] == ["-m"] and "-m" in argv[1:]:  # python [options] -m ctxvec ...: while it is found
-        at = argv.index("-m", 1)
-        return [sys.executable, *argv[1:]] if argv[at + 1:at + 2] == ["ctxvec"] else None
-    if sys.argv[:1] and Path(sys.argv[0]).name == "ctxvec" and argv[1:2] == sys.argv[:1]:  # the script
-        return [sys.executable, *argv[1:]]
+    if sys.argv[:1] == ["-m"]:  # python [options] -m ctxvec ... (or -mctxvec), while it is found
+        for at, arg in enumerate(argv[1:], start=1):
+            if arg == "-mctxvec" or (arg == "-m" and argv[at + 1:at + 2] == ["ctxvec"]):
+                return [sys.executable, *argv[1:]]
+            if arg.startswith("-m"):
+                return None
+        return None
+    if sys.argv[:1] and Path(sys.argv[0]).name == "ctxvec" and sys.argv[0] in argv[1:]:  # the script
+        at = argv.index(sys.argv[0], 1)  # after the interpreter's options (a shebang's too)
+        return [sys.executable, *argv[1:]] if argv[at + 1:] == sys.argv[1:] else None
     return None
 
 
@@ -76,8 +81,10 @@ def start_again_under_jemalloc(argv: list[str] | None) -> None:
     run as the command does."""
     global _started_again
     env = os.environ
-    if env.get(STARTED) == str(os.getpid()):  # the second start: its children start clean
-        del env[STARTED], env["LD_PRELOAD"]
+    pid, _, added_conf = env.get(STARTED, "").partition(":")
+    if pid == str(os.getpid()):  # the second start: its children start as they would have
+        for name in [STARTED, "LD_PRELOAD"] + (["MALLOC_CONF"] if added_conf else []):
+            env.pop(name, None)  # (the loader may have dropped LD_PRELOAD itself: a setcap python)
         _started_again = True
     if _started_again or argv is None or sys.platform != "linux" or env.get("LD_PRELOAD") \
             or env.get("CTXVEC_MALLOC") == "system":
@@ -85,10 +92,12 @@ def start_again_under_jemalloc(argv: list[str] | None) -> None:
     library = jemalloc_path()
     if library is None or in_use() == "jemalloc":  # never twice
         return
-    # MALLOC_CONF stays for the children (only jemalloc reads it); the user's own is kept.
-    env = {"MALLOC_CONF": JEMALLOC_CONF, **env, STARTED: str(os.getpid()), "LD_PRELOAD": library}
-    sys.stdout.flush()
-    sys.stderr.flush()
+    # The user's own MALLOC_CONF is kept (and left to the children); ctxvec's, marked, is not.
+    marker = f"{os.getpid()}:" if env.get("MALLOC_CONF") else f"{os.getpid()}:conf"
+    env = {"MALLOC_CONF": JEMALLOC_CONF, **env, STARTED: marker, "LD_PRELOAD": library}
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:  # (None where the descriptor is closed)
+            stream.flush()
     try:
         os.execve(argv[0], argv, env)
     except OSError:  # cannot exec (a sandbox): on with glibc's malloc
