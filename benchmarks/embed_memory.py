@@ -28,6 +28,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
 
+from ctxvec.malloc import in_use  # noqa: E402
+
 
 def rss_mb(pid: int) -> float | None:
     try:
@@ -37,15 +39,6 @@ def rss_mb(pid: int) -> float | None:
     except OSError:
         return None
     return None
-
-
-def malloc_of(pid: int) -> str | None:
-    """The malloc a process runs with, as its loader mapped it: "jemalloc" or "system"
-    (``ctxvec.malloc``: the command starts itself under jemalloc where installed)."""
-    try:
-        return "jemalloc" if "libjemalloc" in Path(f"/proc/{pid}/maps").read_text() else "system"
-    except OSError:
-        return None
 
 
 def run(file: Path, out: Path, precision: str, threads: int, every: float) -> dict:
@@ -59,7 +52,7 @@ def run(file: Path, out: Path, precision: str, threads: int, every: float) -> di
         mb = rss_mb(process.pid)
         if mb is not None:
             samples.append((time.perf_counter() - start, mb))
-            malloc = malloc_of(process.pid) or malloc
+            malloc = in_use(process.pid) or malloc  # the command starts itself under jemalloc
         time.sleep(every)
     stderr = process.stderr.read()
     if process.returncode != 0:

@@ -33,7 +33,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import Connection, ctxvec_server  # noqa: E402
 from common import ROOT, SHARED_WEB, machine, write_results  # noqa: E402
-from embed_memory import MEMORY_COLUMNS, malloc_of, memory_cells, memory_points, rss_mb  # noqa: E402
+from embed_memory import MEMORY_COLUMNS, memory_cells, memory_points, rss_mb  # noqa: E402
+
+from ctxvec.malloc import in_use  # noqa: E402
 
 MAX_TEXTS = 32  # texts in the largest request
 
@@ -78,7 +80,7 @@ def run(texts: list[str], precision: str, threads: int, clients: int, seconds: f
 
     sampler = threading.Thread(target=sample, daemon=True)
     try:
-        loaded, malloc = rss_mb(server.proc.pid), malloc_of(server.proc.pid)
+        loaded, malloc = rss_mb(server.proc.pid), in_use(server.proc.pid)
         sampler.start()
         asyncio.run(load(server.port, server.path, texts, clients, seconds, counts))
     finally:

@@ -255,14 +255,13 @@ def test_the_key_can_come_from_the_environment():
 @pytest.mark.parametrize("choice", ["default", "system"])
 def test_the_server_runs_under_jemalloc_where_installed_with_the_same_vectors(choice):
     """``ctxvec.malloc``: the command starts again under jemalloc (CTXVEC_MALLOC=system: glibc's)."""
-    from ctxvec.malloc import jemalloc_path
+    from ctxvec.malloc import in_use, jemalloc_path
 
     if jemalloc_path() is None or os.environ.get("LD_PRELOAD"):
         pytest.skip("no jemalloc installed (scripts/setup.sh installs it), or an LD_PRELOAD of the user's")
     expected = "jemalloc" if choice == "default" else "system"
     with running_server("seed", env={"CTXVEC_MALLOC": choice}) as (url, proc):
-        with open(f"/proc/{proc.pid}/maps") as maps:
-            assert ("libjemalloc" in maps.read()) == (expected == "jemalloc")
+        assert in_use(proc.pid) == expected
         got = embed(url, {"input": TEXTS, "encoding_format": "float"}, headers={}).json()["data"]
     want = ctxvec.load("seed").embed(TEXTS)
     assert np.abs(np.array([d["embedding"] for d in got]) - want).max() < 1e-6

@@ -59,12 +59,13 @@ def command_argv() -> list[str] | None:
     return None
 
 
-def in_use() -> str:
-    """The malloc this process runs with: "jemalloc" or "system" (what the loader mapped)."""
+def in_use(pid: int | str = "self") -> str | None:
+    """The malloc a process (this one by default) runs with, as its loader mapped it: "jemalloc"
+    or "system"; None where its maps cannot be read (no /proc, or the process has ended)."""
     try:
-        maps = Path("/proc/self/maps").read_text()
+        maps = Path(f"/proc/{pid}/maps").read_text()
     except OSError:
-        return "system"
+        return None
     return "jemalloc" if "libjemalloc" in maps else "system"
 
 
