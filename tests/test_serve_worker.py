@@ -29,7 +29,7 @@ def test_a_batch_holds_the_oldest_text_and_its_neighbours_in_length_under_the_bu
     rng = random.Random(seed)
     lengths = [rng.randint(1, 100) for _ in range(rng.randint(1, 60))]
     oldest = rng.randrange(len(lengths))
-    batch = batch_around_oldest(lengths, oldest, budget, padded_width)
+    batch = batch_around_oldest([padded_width(n) for n in lengths], oldest, budget)
     assert oldest in batch and len(set(batch)) == len(batch)
     width = max(padded_width(lengths[i]) for i in batch)
     assert len(batch) == 1 or len(batch) * width <= budget

@@ -88,16 +88,15 @@ class Job:
         self.tokens = sum(len(e.ids) for e in self.encoded)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Pending:
-    """One text of a started job, waiting in the pool."""
+    """One text of a started job, waiting in the pool, with its length and padded width (found
+    once: a loaded server chooses every batch from up to ``POOL_WINDOW`` of them)."""
 
     job: Job
     place: int  # its index in the job
-
-    @property
-    def length(self) -> int:
-        return len(self.job.encoded[self.place].ids)
+    length: int  # its tokens
+    width: int  # its tokens as the pipeline pads them (``Pipeline.width_rule``)
 
 
 @dataclass
@@ -131,13 +130,11 @@ def share_tokens(widths: Iterable[int], batch_tokens: int, streams: int) -> int:
     return min(batch_tokens, -(-5 * waiting // (4 * streams)))
 
 
-def batch_around_oldest(lengths: list[int], oldest: int, batch_tokens: int,
-                        width_of: Callable[[int], int]) -> list[int]:
-    """Indices into ``lengths`` for the next batch: the text ``oldest`` and its neighbours in
-    length, taken one at a time from whichever side is closer in length, while ``len(batch) *
-    longest <= batch_tokens``, lengths as the pipeline pads them (``width_of``: its ``width_rule()``)."""
-    widths = [width_of(n) for n in lengths]
-    order = sorted(range(len(lengths)), key=widths.__getitem__)
+def batch_around_oldest(widths: list[int], oldest: int, batch_tokens: int) -> list[int]:
+    """Indices into ``widths`` (texts' lengths as the pipeline pads them: its ``width_rule()``)
+    for the next batch: the text ``oldest`` and its neighbours in width, taken one at a time from
+    whichever side is closer, while ``len(batch) * widest <= batch_tokens``."""
+    order = sorted(range(len(widths)), key=widths.__getitem__)
     lo = hi = order.index(oldest)
     width = widths[oldest]
     while True:
@@ -177,6 +174,7 @@ class InferenceWorker:
         self.batch_tokens = batch_tokens
         self.max_queue_tokens = max_queue_tokens
         self.events = events or WorkerEvents()
+        self._width_of = pipeline.width_rule()  # the pipeline's dtype and limit, fixed while it serves
         self._queue: deque[Job] = deque()  # submitted, not yet in the pool
         self._pool: list[Pending] = []  # in arrival order; batches leave it as a stream takes them
         self._open_texts = 0  # texts not computed yet: queued, pooled or being computed
@@ -302,12 +300,13 @@ class InferenceWorker:
             while self._queue:  # arrivals join the pool
                 job = self._queue.popleft()
                 job.future.set_running_or_notify_cancel()  # only cancel() cancels, and it removes the job
-                self._pool.extend(Pending(job, place) for place in range(len(job.texts)))
+                lengths = [len(e.ids) for e in job.encoded]
+                self._pool.extend(Pending(job, place, n, self._width_of(n)) for place, n in enumerate(lengths))
             self._drop_abandoned()
             if self._pool:
                 batch = self._next_batch()
-                taken = set(map(id, batch))
-                self._pool = [p for p in self._pool if id(p) not in taken]
+                taken = set(batch)  # by identity (eq=False)
+                self._pool = [p for p in self._pool if p not in taken]
                 if self._pool:
                     self._call_a_stream()  # another stream may take the next batch
                 return batch
@@ -362,9 +361,8 @@ class InferenceWorker:
         share of it (``share_tokens``)."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
-        width_of = self.pipeline.width_rule()
-        budget = share_tokens((width_of(p.length) for p in same), self.batch_tokens, self.streams)
-        chosen = batch_around_oldest([p.length for p in same], 0, budget, width_of)  # same[0] is oldest
+        budget = share_tokens((p.width for p in same), self.batch_tokens, self.streams)
+        chosen = batch_around_oldest([p.width for p in same], 0, budget)  # same[0] is oldest
         return [same[i] for i in chosen]
 
     def _compute(self, batch: list[Pending], threads: int) -> list:
