@@ -94,3 +94,38 @@ def test_a_caller_that_stops_early_leaves_no_thread_behind(three_threads):
     results.close()
     assert not set(threading.enumerate()) - before
     assert threads_of_a_new_thread() == three_threads
+
+
+@pytest.mark.parametrize("plan, items, caller, runs_in", [
+    (StreamPlan(1, 1), 2, "main", "a stream"),  # one thread, two batches or more, from the main thread: off it
+    (StreamPlan(1, 1), 40, "main", "a stream"),
+    (StreamPlan(1, 1), 1, "main", "the caller"),  # one batch stays: a thread costs more than it saves
+    (StreamPlan(1, 1), 0, "main", "the caller"),
+    (StreamPlan(1, 2), 5, "main", "the caller"),  # several threads stay: the caller's OpenMP team
+    (StreamPlan(1, 1), 5, "another thread", "the caller"),  # only the main thread is moved off
+])
+def test_where_a_single_stream_runs(plan, items, caller, runs_in, three_threads):
+    seen = []
+
+    def call() -> None:
+        work = lambda i: (i, threading.current_thread(), torch.get_num_threads())  # noqa: E731
+        seen.append((threading.current_thread(), list(run_in_streams(work, range(items), plan))))
+
+    if caller == "main":
+        assert threading.current_thread() is threading.main_thread()
+        call()
+    else:
+        thread = threading.Thread(target=call)
+        thread.start()
+        thread.join()
+    (calling, results), = seen
+    assert [r[0] for r in results] == list(range(items))
+    threads = {r[1] for r in results}
+    if runs_in == "the caller":
+        assert threads <= {calling}
+    else:
+        assert len(threads) == 1 and threads != {calling}
+        assert next(iter(threads)).name.startswith("ctxvec-stream")
+        assert {r[2] for r in results} == {1}
+    assert torch.get_num_threads() == three_threads
+    assert threads_of_a_new_thread() == three_threads

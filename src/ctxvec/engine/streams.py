@@ -16,11 +16,12 @@ thread); the caller's count is restored for threads started later.
 
 from __future__ import annotations
 
+import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from itertools import islice
+from itertools import chain, islice
 from typing import TypeVar
 
 import torch
@@ -57,18 +58,33 @@ def plan_streams(batches: int | None, threads: int, streams: int | None = None) 
     return StreamPlan(streams, max(1, threads // streams))
 
 
+def off_main_thread(plan: StreamPlan, items: int) -> bool:
+    """Whether a single stream of one thread runs in a thread of its own: where the caller is the
+    process's main thread and there are two items or more. Under jemalloc (the ``ctxvec``
+    command's malloc) the main thread's forward passes in bf16 fault pages in again and again:
+    2,048-token batches on one AMX Xeon thread took ~200,000 page faults a run of 1,500 lines
+    (16-21% of the time in the kernel) where the same batches in another thread took 5,000-20,000
+    and ran ~1.3x as fast (`ctxvec embed --threads 1`, 6,000 lines: 8.97 against 10.37 s). A single
+    item stays: starting the thread costs ~0.75 ms, a sixth of one short text's call. Several
+    threads in one stream stay too: the caller's OpenMP team must stay the only one (``serve.worker``)."""
+    return plan.threads_each == 1 and items > 1 and threading.current_thread() is threading.main_thread()
+
+
 def run_in_streams(work: Callable[[Item], Result], items: Iterable[Item], plan: StreamPlan,
                    ) -> Iterator[Result]:
     """``work(item)`` for every item, in order, on ``plan.streams`` threads under inference mode.
 
     At most two items per stream are in flight besides the one handed back, so memory stays
     bounded however many items come; an error in ``work`` is raised here, and the items not
-    yet started are dropped. One stream runs in the calling thread. Inference mode holds only
-    around ``work``: never across a ``yield``, so the caller's own code between results runs
-    in its own mode, whatever the plan.
+    yet started are dropped. One stream runs in the calling thread, unless ``off_main_thread``
+    moves it. Inference mode holds only around ``work``: never across a ``yield``, so the
+    caller's own code between results runs in its own mode, whatever the plan.
     """
-    if plan.streams == 1:
-        for item in items:
+    remaining = iter(items)
+    first = list(islice(remaining, 2))
+    remaining = chain(first, remaining)
+    if plan.streams == 1 and not off_main_thread(plan, len(first)):
+        for item in remaining:
             with torch.inference_mode():
                 result = work(item)
             yield result
@@ -83,7 +99,6 @@ def run_in_streams(work: Callable[[Item], Result], items: Iterable[Item], plan: 
     caller_threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(plan.streams, thread_name_prefix="ctxvec-stream")
     try:
-        remaining = iter(items)
         pending: deque[Future[Result]] = deque(pool.submit(in_stream, item)
                                                for item in islice(remaining, 2 * plan.streams))
         while pending:
