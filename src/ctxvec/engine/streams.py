@@ -64,7 +64,7 @@ def off_main_thread(plan: StreamPlan, items: int) -> bool:
     command's malloc) the main thread's forward passes in bf16 fault pages in again and again:
     2,048-token batches on one AMX Xeon thread took ~200,000 page faults a run of 1,500 lines
     (16-21% of the time in the kernel) where the same batches in another thread took 5,000-20,000
-    and ran ~1.3x as fast (`ctxvec embed --threads 1`, 6,000 lines: 8.97 against 10.37 s). A single
+    and ran ~1.25x as fast (`ctxvec embed --threads 1`, 6,000 lines: 8.69 against 9.87 s). A single
     item stays: starting the thread costs ~0.75 ms, a sixth of one short text's call. Several
     threads in one stream stay too: the caller's OpenMP team must stay the only one (``serve.worker``)."""
     return plan.threads_each == 1 and items > 1 and threading.current_thread() is threading.main_thread()

@@ -81,11 +81,13 @@ class Job:
     abandoned: str | None = None  # why its request gave up, if it did
     results: list = field(init=False)
     left: int = field(init=False)  # texts not computed yet
+    lengths: list[int] = field(init=False)  # each text's tokens
     tokens: int = field(init=False)  # of all its texts
 
     def __post_init__(self) -> None:
         self.results, self.left = [None] * len(self.texts), len(self.texts)
-        self.tokens = sum(len(e.ids) for e in self.encoded)
+        self.lengths = [len(e.ids) for e in self.encoded]
+        self.tokens = sum(self.lengths)
 
 
 @dataclass(eq=False, slots=True)
@@ -300,8 +302,7 @@ class InferenceWorker:
             while self._queue:  # arrivals join the pool
                 job = self._queue.popleft()
                 job.future.set_running_or_notify_cancel()  # only cancel() cancels, and it removes the job
-                lengths = [len(e.ids) for e in job.encoded]
-                self._pool.extend(Pending(job, place, n, self._width_of(n)) for place, n in enumerate(lengths))
+                self._pool.extend(Pending(job, place, n, self._width_of(n)) for place, n in enumerate(job.lengths))
             self._drop_abandoned()
             if self._pool:
                 batch = self._next_batch()
