@@ -1,4 +1,4 @@
-"""ctxvec.engine.native: the compiled kernels (self-attention over packed rows, the bf16 GELU table)."""
+"""ctxvec.engine.native: the compiled kernels (self-attention over packed rows, the bf16 GELU table, LayerNorm)."""
 
 import fnmatch
 import importlib
@@ -16,7 +16,7 @@ from ctxvec import Encoder, MultiHeadSelfAttention
 from ctxvec.engine import native
 from ctxvec.engine.linear import linear, onednn_dtype, onednn_linear
 from ctxvec.engine.packing import TokenPacking
-from ctxvec.engine.route import PackedRoute, choose
+from ctxvec.engine.route import PackedRoute, choose, route_for
 from ctxvec.model.masks import key_mask_from
 from ctxvec.model.route import Route
 
@@ -401,6 +401,97 @@ def test_the_feed_forwards_bf16_gelu_is_the_table_after_the_bare_projection():
     with torch.inference_mode():
         route = choose(torch.randn(2, 8, 64).bfloat16(), layer, torch.ones(2, 8, dtype=torch.bool))
     assert "GELU by ctxvec's bf16 table" in route.reason
+
+
+def _norm(width, dtype, seed=0):
+    """A LayerNorm with a weight and a bias that are not 1 and 0."""
+    generator = torch.Generator().manual_seed(seed)
+    norm = torch.nn.LayerNorm(width, eps=1e-12)
+    with torch.no_grad():
+        norm.weight.copy_(0.5 + torch.rand(width, generator=generator))
+        norm.bias.copy_(0.1 * torch.randn(width, generator=generator))
+    return norm.to(dtype)
+
+
+def _rows(rows, width, dtype, seed=1):
+    """Rows as a residual stream holds them: an offset and a spread of their own, a few outliers."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, width, generator=generator) * (0.5 + 3 * torch.rand(rows, 1, generator=generator))
+    x += torch.randn(rows, 1, generator=generator)
+    x[:, :2] *= 20
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("rows", [1, 15, 16, 17, 100])
+@pytest.mark.parametrize("width", [16, 384])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_is_the_exact_one_within_fp32_rounding(dtype, width, rows, threads):
+    """Mean and variance in fp32, the result within fp32's rounding of the exact LayerNorm (bf16:
+    that rounded once, so within half a unit in the last place, 2^-8 relative at the bottom of a
+    binade, plus fp32's error);
+    PyTorch's own bf16 LayerNorm differs from it by one unit in the last place at most, rarely."""
+    norm, x = _norm(width, dtype), _rows(rows, width, dtype)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        out = native.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    finally:
+        torch.set_num_threads(before)
+    exact = torch.nn.functional.layer_norm(x.double(), (width,), norm.weight.double(), norm.bias.double(), norm.eps)
+    fp32_error = 2e-6 * (1 + exact.abs())
+    bound = fp32_error if dtype == torch.float32 else 2**-8 * exact.abs() + fp32_error
+    assert out.dtype == dtype and out.shape == x.shape
+    assert ((out.double() - exact).abs() <= bound).all()
+    with torch.no_grad():
+        pytorch = norm(x)
+    if dtype == torch.bfloat16:
+        apart = out.view(torch.int16).int() - pytorch.view(torch.int16).int()
+        assert apart.abs().max() <= 1 and (apart != 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_writes_over_its_input_when_asked(dtype):
+    norm, x = _norm(64, dtype), _rows(40, 64, dtype).view(5, 8, 64)
+    expected = native.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    out = native.layer_norm(x, norm.weight, norm.bias, norm.eps, out=x)
+    assert out.data_ptr() == x.data_ptr() and torch.equal(out, expected)
+
+
+def test_layer_norm_refuses_what_it_does_not_take_in_one_line():
+    norm = _norm(24, torch.float32)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.layer_norm(torch.randn(4, 24), norm.weight, norm.bias, 1e-5)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        native.layer_norm(torch.randn(4, 32).double(), torch.ones(32).double(), torch.zeros(32).double(), 1e-5)
+    with pytest.raises(ValueError, match="out must be"):
+        native.layer_norm(torch.randn(4, 32), torch.ones(32), torch.zeros(32), 1e-5, out=torch.empty(32, 4).t())
+    assert not native.norm_takes(torch.randn(4, 24), norm)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_route_normalises_by_it_at_inference_only(monkeypatch, dtype):
+    """An encoder at inference on a pipeline's route: every LayerNorm by the kernel (the
+    embeddings' and two a layer), the sums written over where nothing reads them again; where
+    gradients are wanted, PyTorch's; the same numbers either way."""
+    if not onednn_dtype(dtype):
+        pytest.skip(f"no oneDNN {dtype} here: the route keeps PyTorch's kernels")
+    calls = []
+    kernel = native.layer_norm
+    monkeypatch.setattr(native, "layer_norm", lambda *a, **k: calls.append(k.get("out") is not None) or kernel(*a, **k))
+    encoder = Encoder(tiny_config(d_model=64, n_heads=2, d_ff=128, n_layers=2, embedding_norm=True)).eval().to(dtype)
+    ids, mask = random_batch(4, 20, 64, min_len=1)
+    with torch.inference_mode():
+        fast = encoder(ids, mask, route=route_for(encoder, mask))
+        plain = encoder(ids, mask, route=Route(mask.bool()))
+    assert "LayerNorm by ctxvec's kernel" in fast.route and calls == [True] * 5  # post-norm: every sum
+    real = mask.bool()
+    tolerance = 1e-5 if dtype == torch.float32 else 3e-2
+    assert (fast.last_hidden_state[real].float() - plain.last_hidden_state[real].float()).abs().max() < tolerance
+    calls.clear()
+    encoder.train()
+    encoder(ids, mask).last_hidden_state.float().sum().backward()
+    assert calls == [] and encoder.stack.layers[0].norm1.weight.grad is not None
 
 
 def test_every_file_the_build_reads_is_shipped_in_the_package():

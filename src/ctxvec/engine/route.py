@@ -11,7 +11,8 @@ settles, with the reason, how the pass runs:
   called on its own).
 - the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), its activation
   (in bf16, GELU by ctxvec's table after it) and a sub-layer's residual add fused in, else
-  ``F.linear`` (training, autocast, GPUs, other dtypes).
+  ``F.linear`` (training, autocast, GPUs, other dtypes); with them, LayerNorm by ctxvec's kernel
+  (``engine.native.layer_norm``, 16 rows at a time) where it builds, else PyTorch's.
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
   inference, sequences up to ``native_max_tokens`` (per CPU kind, as measured) of heads 32 or
@@ -53,6 +54,14 @@ class FastRoute(Route):
         if self.onednn and residual is not None and not (dropout.training and dropout.p > 0):
             return linear_add(x, layer, residual, self.weights)  # the add fused into oneDNN's kernel
         return super().residual_linear(x, layer, dropout, residual)
+
+    def norm(self, x: torch.Tensor, norm: nn.LayerNorm, overwrite: bool = False) -> torch.Tensor:
+        if (self.onednn and native.norm_takes(x, norm)  # inference on a CPU (the oneDNN route's terms)
+                and not (torch.is_grad_enabled() and (x.requires_grad or norm.weight.requires_grad))):
+            # over x where it may be: its rows are in cache once read (~40% faster than a new tensor)
+            out = x if overwrite and x.is_contiguous() else None
+            return native.layer_norm(x, norm.weight, norm.bias, norm.eps, out=out)
+        return super().norm(x, norm, overwrite)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None,
                dropout: nn.Module) -> torch.Tensor:
@@ -115,6 +124,7 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
     bucket = linear_kernels.ONEDNN_ROW_MULTIPLE
     linears = (f"oneDNN linear ({_where(probe)}) for row counts in multiples of {bucket}"
                + (", GELU by ctxvec's bf16 table (engine.native)" if gelu_by_table(probe.dtype) else "")
+               + ("; LayerNorm by ctxvec's kernel (engine.native)" if native.available() is None else "")
                if use_onednn else f"F.linear ({why_not_onednn or 'a decoder or a module on its own'})")
     T = real.shape[1] if real is not None else (x.shape[1] if x is not None and x.dim() == 3 else 0)
     attention = _attention_rule(probe, T)

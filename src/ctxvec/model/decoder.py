@@ -107,14 +107,14 @@ class DecoderLayer(nn.Module):
         nf = self.norm_first
         past = cache.self_key_value if cache is not None else None
         memory_kv = cache.memory_key_value if cache is not None else None
-        a = self.self_attention(pre_norm(x, self.norm1, nf), self_mask, return_attention, route, past,
+        a = self.self_attention(pre_norm(x, self.norm1, nf, route), self_mask, return_attention, route, past,
                                 residual=x)
-        x = post_norm(a.output, self.norm1, nf)  # Add & Norm #1
-        c = self.cross_attention(pre_norm(x, self.norm2, nf), memory, memory_mask, return_attention,
+        x = post_norm(a.output, self.norm1, nf, route)  # Add & Norm #1
+        c = self.cross_attention(pre_norm(x, self.norm2, nf, route), memory, memory_mask, return_attention,
                                  memory_kv, route, residual=x)
-        x = post_norm(c.output, self.norm2, nf)  # Add & Norm #2
-        ffn = self.feed_forward(pre_norm(x, self.norm3, nf), route, residual=x)
-        x = post_norm(ffn, self.norm3, nf)  # Add & Norm #3
+        x = post_norm(c.output, self.norm2, nf, route)  # Add & Norm #2
+        ffn = self.feed_forward(pre_norm(x, self.norm3, nf, route), route, residual=x)
+        x = post_norm(ffn, self.norm3, nf, route)  # Add & Norm #3
         if cache is not None:
             if a.key_value is None:  # a route that attends without laying them out (Route.self_attend)
                 raise RuntimeError(f"the route {route.name!r} kept no keys and values; a decoder's cache "

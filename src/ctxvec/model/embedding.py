@@ -12,6 +12,7 @@ from torch import nn
 
 from ctxvec.model.config import EncoderConfig
 from ctxvec.model.dropout import Dropout
+from ctxvec.model.route import Route
 
 
 def one_hot(input_ids: torch.Tensor, vocab_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -121,8 +122,9 @@ class Embeddings(nn.Module):
         self.dropout = Dropout(config.dropout)
 
     def forward(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None = None,
-                start: int = 0) -> torch.Tensor:
-        """input_ids: (B, T) at positions ``start .. start + T - 1`` (0 but for cached decoding)."""
+                start: int = 0, route: Route | None = None) -> torch.Tensor:
+        """input_ids: (B, T) at positions ``start .. start + T - 1`` (0 but for cached decoding).
+        ``route``: the forward pass's, whose ``norm`` runs the LayerNorm (default: the module's own)."""
         x = self.tokens(input_ids) + self.positions(input_ids.shape[1], start)  # (B, T, D) + (T, D)
         if self.token_types is not None:
             if token_type_ids is None:
@@ -130,5 +132,5 @@ class Embeddings(nn.Module):
             else:
                 x = x + self.token_types(token_type_ids)
         if self.norm is not None:
-            x = self.norm(x)
+            x = self.norm(x) if route is None else route.norm(x, self.norm, overwrite=True)  # x: a new sum
         return self.dropout(x)

@@ -260,6 +260,6 @@ class Encoder(nn.Module):
                 raise ValueError("token_type_ids must be an integer tensor shaped like input_ids.")
             if int(token_type_ids.min()) < 0 or int(token_type_ids.max()) >= self.config.type_vocab_size:
                 raise ValueError(f"token_type_ids must lie in [0, {self.config.type_vocab_size}).")
-        x = self.embeddings(input_ids, token_type_ids)  # (B, T, D)
+        x = self.embeddings(input_ids, token_type_ids, route=route)  # (B, T, D)
         check_finite(x, "the embeddings", self.embeddings)
         return self.stack(x, attention_mask, output_hidden_states, output_attentions, positions, route)

@@ -4,7 +4,8 @@ Add & Norm is one rule for every layer here (the decoder's too), in the model's 
 Add: each sub-layer adds its output, after its dropout, to the stream it is given
 (``residual``), in its last projection (``Route.residual_linear``: the projection and the add
 run as one kernel where the route supports it). Norm: ``pre_norm`` normalises a sub-layer's
-input (pre-norm only), ``post_norm`` the sum (post-norm only, the seed's choice).
+input (pre-norm only), ``post_norm`` the sum (post-norm only, the seed's choice), each by the
+route's ``norm`` (a faster route may run its own LayerNorm kernel).
 
 Letters: B batch, T sequence length, D d_model, F d_ff, M selected positions.
 """
@@ -22,14 +23,14 @@ from ctxvec.model.dropout import Dropout
 from ctxvec.model.route import Route, default_route
 
 
-def pre_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Tensor:
+def pre_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool, route: Route) -> torch.Tensor:
     """A sub-layer's input: ``LayerNorm(x)`` in pre-norm, ``x`` itself in post-norm."""
-    return norm(x) if norm_first else x
+    return route.norm(x, norm) if norm_first else x
 
 
-def post_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool) -> torch.Tensor:
+def post_norm(x: torch.Tensor, norm: nn.LayerNorm, norm_first: bool, route: Route) -> torch.Tensor:
     """The Norm of Add & Norm: ``LayerNorm`` of the residual sum in post-norm, the sum itself in pre-norm."""
-    return x if norm_first else norm(x)
+    return x if norm_first else route.norm(x, norm, overwrite=True)  # the sum is not read again
 
 
 class FeedForward(nn.Module):
@@ -97,9 +98,9 @@ class EncoderLayer(nn.Module):
         route = route or default_route(x, self)
         # the residual stream at the rows computed: all of x, or (M, D)
         residual = x if selected is None else x.reshape(-1, x.shape[-1]).index_select(0, selected)
-        a = self.attention(pre_norm(x, self.norm1, self.norm_first), key_mask, return_attention, route,
+        a = self.attention(pre_norm(x, self.norm1, self.norm_first, route), key_mask, return_attention, route,
                            selected=selected, residual=residual)  # residual + Dropout(Attention(.))
-        x = post_norm(a.output, self.norm1, self.norm_first)  # Add & Norm #1
-        ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first), route, residual=x)
-        x = post_norm(ffn, self.norm2, self.norm_first)  # Add & Norm #2
+        x = post_norm(a.output, self.norm1, self.norm_first, route)  # Add & Norm #1
+        ffn = self.feed_forward(pre_norm(x, self.norm2, self.norm_first, route), route, residual=x)
+        x = post_norm(ffn, self.norm2, self.norm_first, route)  # Add & Norm #2
         return LayerOutput(x, a.probabilities)

@@ -1,7 +1,8 @@
 """How one forward pass runs: the few operations every layer of the model is written against.
 
 A layer projects with ``linear`` (with its activation) and, at a sub-layer's end, with
-``residual_linear`` (the projection and the Add of Add & Norm), reshapes around attention with
+``residual_linear`` (the projection and the Add of Add & Norm), normalises with ``norm`` (the
+Norm), reshapes around attention with
 ``split_heads`` / ``merge_heads``, and asks ``attend`` for softmax(Q·Kᵀ / √d) · V when the
 probabilities are not wanted (when they are, the attention module computes them step by step
 itself); self-attention asks ``self_attend`` for the split, the attention and the concat at
@@ -89,6 +90,11 @@ class Route:
         matrix multiply."""
         y = dropout(self.linear(x, layer))
         return y if residual is None else residual + y
+
+    def norm(self, x: torch.Tensor, norm: nn.LayerNorm, overwrite: bool = False) -> torch.Tensor:
+        """``norm(x)``: the Norm of Add & Norm, over the last dimension. ``overwrite``: the caller
+        never reads ``x`` again, so a faster route may write the result over it."""
+        return norm(x)
 
     def self_attend(self, qkv: torch.Tensor, n_heads: int, key_mask: torch.Tensor | None, dropout: nn.Module
                     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:

@@ -5,8 +5,9 @@
 - ``amx_attention.cpp``: the same in bf16 with its matrix multiplies on AMX tiles, where the
   CPU has them (``tiles()``);
 - ``gelu.cpp``: GELU of bf16 values by a table of all 65,536 (``gelu_``);
+- ``layer_norm.cpp``: LayerNorm of rows, 16 at a time (``layer_norm``);
 
-with ``vec16.h``, the vector helpers the attention kernels are written with. They are compiled
+with ``vec16.h``, the vector helpers the kernels are written with. They are compiled
 together on first use by the system's C++ compiler (``$CXX``, else ``c++``)
 with ``-march=native`` into ``$CTXVEC_CACHE/native`` (default ``~/.cache/ctxvec/native``), one
 library per sources, compiler and CPU (a machine with another CPU builds its own), and loaded
@@ -35,12 +36,15 @@ import torch
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "amx_attention.cpp", "gelu.cpp"))
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("packed_attention.cpp", "amx_attention.cpp", "gelu.cpp",
+                                                            "layer_norm.cpp"))
 HEADERS = (Path(__file__).with_name("vec16.h"),)
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-fopenmp", "-fPIC", "-shared")
 HEAD_WIDTHS = (32, 64)  # the head widths the kernel is written for
 _FUNCTIONS = {torch.float32: "ctxvec_packed_attention_f32", torch.bfloat16: "ctxvec_packed_attention_bf16"}
 _TILES = "ctxvec_packed_attention_bf16_amx"  # bf16 on AMX tiles (amx_attention.cpp)
+_NORMS = {torch.float32: "ctxvec_layer_norm_f32", torch.bfloat16: "ctxvec_layer_norm_bf16"}
+NORM_WIDTH_MULTIPLE = 16  # LayerNorm's kernel takes rows of a multiple of this many values
 
 
 class NativeUnavailable(RuntimeError):
@@ -111,6 +115,10 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
     lib.ctxvec_amx_tiles.restype = ctypes.c_int
     lib.ctxvec_gelu_bf16_.argtypes = [ptr, i64, ctypes.c_int]
     lib.ctxvec_gelu_bf16_.restype = None
+    for name in _NORMS.values():
+        function = getattr(lib, name)
+        function.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
+        function.restype = ctypes.c_int
     return lib
 
 
@@ -238,3 +246,38 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     lib.ctxvec_gelu_bf16_(x.data_ptr(), x.numel(), torch.get_num_threads())
     return x
 
+
+
+def norm_takes(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
+    """Whether ``layer_norm`` computes ``norm(x)`` here: a CPU tensor of ``norm``'s dtype, fp32 or
+    bf16, normalised over its last dimension (a multiple of ``NORM_WIDTH_MULTIPLE``) with a weight
+    and a bias, where the kernels are available."""
+    return (x.device.type == "cpu" and x.dtype in _NORMS and len(norm.normalized_shape) == 1
+            and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0]
+            and x.shape[-1] % NORM_WIDTH_MULTIPLE == 0 and norm.weight is not None and norm.bias is not None
+            and norm.weight.dtype == x.dtype and norm.bias.dtype == x.dtype and available() is None)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.layer_norm(x, (D,), weight, bias, eps)`` of a CPU fp32 or bf16 tensor over its last
+    dimension D (a multiple of ``NORM_WIDTH_MULTIPLE``), by ``layer_norm.cpp``: mean and variance in
+    fp32, the same numbers as PyTorch's within fp32 rounding (bf16: rounded once), on
+    ``torch.get_num_threads()`` threads. Returns ``out`` (a contiguous tensor shaped like ``x``,
+    ``x`` itself allowed: each row is read before it is written), else a new tensor."""
+    lib = _required()
+    D = x.shape[-1] if x.dim() else 0
+    if (x.device.type != "cpu" or x.dtype not in _NORMS or D == 0 or D % NORM_WIDTH_MULTIPLE
+            or weight.shape != (D,) or bias.shape != (D,) or weight.dtype != x.dtype or bias.dtype != x.dtype):
+        raise ValueError(f"layer_norm takes fp32/bf16 CPU rows of a multiple of {NORM_WIDTH_MULTIPLE} values with a "
+                         f"weight and a bias of that width and dtype, got {tuple(x.shape)} {x.dtype} on {x.device}.")
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype or not out.is_contiguous()):
+        raise ValueError(f"layer_norm's out must be a contiguous {x.dtype} tensor of shape {tuple(x.shape)}.")
+    rows = x.contiguous().view(-1, D)  # (R, D)
+    weight, bias = weight.detach().contiguous(), bias.detach().contiguous()
+    result = torch.empty_like(rows) if out is None else out.view(-1, D)
+    status = getattr(lib, _NORMS[x.dtype])(rows.data_ptr(), D, result.data_ptr(), D, weight.data_ptr(),
+                                           bias.data_ptr(), rows.shape[0], D, float(eps), torch.get_num_threads())
+    if status:
+        raise ValueError(f"layer_norm takes rows of a multiple of {NORM_WIDTH_MULTIPLE} values, got {D}.")
+    return result.view(x.shape)

@@ -2,7 +2,7 @@
 // Without AVX-512 the kernels build and compute the same numbers, but slowly: GCC 12 splits
 // the arithmetic into AVX2 halves, yet compares and selects lane by lane.
 //
-// What the attention kernels of this folder are written with: the vector types, loads and
+// What the kernels of this folder are written with: the vector types, loads and
 // stores that widen bf16 to fp32 and round back, the sums and maxima of a vector's lanes (of
 // one, or of 16 at once), a 16 x 16 transpose, and 2^x.
 
@@ -29,8 +29,12 @@ inline v16 splat(float x) { return v16{} + x; }
 // Loads and stores of 16 values, widened to / rounded from fp32.
 inline v16 load16(const float* p) { v16 v; std::memcpy(&v, p, sizeof v); return v; }
 inline v16 load16(const uint16_t* p) {  // bf16 -> fp32: the bits move up, exactly
+#if defined(__AVX512F__)  // one widening load and a shift (GCC 12 makes 5 instructions of the form below)
+  return (v16)_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16);
+#else
   v16h h; std::memcpy(&h, p, sizeof h);
   return (v16)(__builtin_convertvector(h, v16u) << 16);
+#endif
 }
 inline void store16(v16 v, float* p) { std::memcpy(p, &v, sizeof v); }
 inline void store16(v16 v, uint16_t* p) {  // fp32 -> bf16, to nearest even (inputs are finite)
