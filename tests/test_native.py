@@ -494,6 +494,25 @@ def test_the_route_normalises_by_it_at_inference_only(monkeypatch, dtype):
     assert calls == [] and encoder.stack.layers[0].norm1.weight.grad is not None
 
 
+def test_built_without_avx512_the_route_keeps_pytorchs_layer_norm(monkeypatch):
+    """With AVX2 alone the kernel's 16 row chains spill, and PyTorch's LayerNorm is faster."""
+    monkeypatch.setattr(native, "norm_fast", lambda: False)
+    calls = []
+    monkeypatch.setattr(native, "layer_norm", lambda *a, **k: calls.append(1))
+    encoder = Encoder(tiny_config(d_model=64, n_heads=2, d_ff=128, n_layers=2)).eval()
+    ids, mask = random_batch(3, 12, 64, min_len=1)
+    with torch.inference_mode():
+        out = encoder(ids, mask, route=route_for(encoder, mask))
+    assert calls == [] and "LayerNorm by ctxvec's kernel" not in out.route
+    assert native.norm_fast() is False and not native.norm_takes(torch.randn(4, 64), encoder.stack.layers[0].norm1)
+
+
+def test_the_kernel_is_built_with_avx512_where_the_cpu_has_it():
+    if "avx512f" not in Path("/proc/cpuinfo").read_text(encoding="utf-8"):
+        pytest.skip("no AVX-512 on this CPU")
+    assert native.norm_fast()
+
+
 def test_every_file_the_build_reads_is_shipped_in_the_package():
     """A wheel carries the kernels' sources and headers (pyproject's package data), not only a checkout."""
     package = Path(native.__file__).parents[2]  # src/ctxvec

@@ -12,7 +12,7 @@ settles, with the reason, how the pass runs:
 - the matrix multiplies: the oneDNN linear at CPU inference (``engine.linear``), its activation
   (in bf16, GELU by ctxvec's table after it) and a sub-layer's residual add fused in, else
   ``F.linear`` (training, autocast, GPUs, other dtypes); with them, LayerNorm by ctxvec's kernel
-  (``engine.native.layer_norm``, 16 rows at a time) where it builds, else PyTorch's.
+  (``engine.native.layer_norm``, 16 rows at a time) where it is built with AVX-512, else PyTorch's.
 - the attention kernel is one rule by each attention's size (``engine.attention``): the
   reason states the rule and what it gives the stack's self-attention. On packed rows at CPU
   inference, sequences up to ``native_max_tokens`` (per CPU kind, as measured) of heads 32 or
@@ -124,7 +124,7 @@ def choose(x: torch.Tensor | None, layers: nn.Module, real: torch.Tensor | None,
     bucket = linear_kernels.ONEDNN_ROW_MULTIPLE
     linears = (f"oneDNN linear ({_where(probe)}) for row counts in multiples of {bucket}"
                + (", GELU by ctxvec's bf16 table (engine.native)" if gelu_by_table(probe.dtype) else "")
-               + ("; LayerNorm by ctxvec's kernel (engine.native)" if native.available() is None else "")
+               + ("; LayerNorm by ctxvec's kernel (engine.native)" if native.norm_fast() else "")
                if use_onednn else f"F.linear ({why_not_onednn or 'a decoder or a module on its own'})")
     T = real.shape[1] if real is not None else (x.shape[1] if x is not None and x.dim() == 3 else 0)
     attention = _attention_rule(probe, T)

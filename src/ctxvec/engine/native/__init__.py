@@ -115,6 +115,7 @@ def _load(compiler: list[str]) -> ctypes.CDLL:
     lib.ctxvec_amx_tiles.restype = ctypes.c_int
     lib.ctxvec_gelu_bf16_.argtypes = [ptr, i64, ctypes.c_int]
     lib.ctxvec_gelu_bf16_.restype = None
+    lib.ctxvec_layer_norm_fast.restype = ctypes.c_int
     for name in _NORMS.values():
         function = getattr(lib, name)
         function.argtypes = [ptr, i64, ptr, i64, ptr, ptr, i64, i64, ctypes.c_float, ctypes.c_int]
@@ -248,14 +249,21 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
 
 
 
+def norm_fast() -> bool:
+    """Whether the LayerNorm kernel is built with AVX-512 here (with AVX2 alone, PyTorch's is faster)."""
+    lib = _library()
+    return not isinstance(lib, NativeUnavailable) and bool(lib.ctxvec_layer_norm_fast())
+
+
 def norm_takes(x: torch.Tensor, norm: torch.nn.LayerNorm) -> bool:
-    """Whether ``layer_norm`` computes ``norm(x)`` here: a CPU tensor of ``norm``'s dtype, fp32 or
-    bf16, normalised over its last dimension (a multiple of ``NORM_WIDTH_MULTIPLE``) with a weight
-    and a bias, where the kernels are available."""
+    """Whether the engine normalises ``x`` by ``layer_norm`` instead of ``norm`` itself: a CPU tensor
+    of ``norm``'s dtype, fp32 or bf16, normalised over its last dimension (a multiple of
+    ``NORM_WIDTH_MULTIPLE``) with a weight and a bias, where the kernel is built with AVX-512
+    (``norm_fast``)."""
     return (x.device.type == "cpu" and x.dtype in _NORMS and len(norm.normalized_shape) == 1
             and x.dim() >= 1 and x.shape[-1] == norm.normalized_shape[0]
             and x.shape[-1] % NORM_WIDTH_MULTIPLE == 0 and norm.weight is not None and norm.bias is not None
-            and norm.weight.dtype == x.dtype and norm.bias.dtype == x.dtype and available() is None)
+            and norm.weight.dtype == x.dtype and norm.bias.dtype == x.dtype and norm_fast())
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
