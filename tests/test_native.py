@@ -488,6 +488,12 @@ def test_the_route_normalises_by_it_at_inference_only(monkeypatch, dtype):
     real = mask.bool()
     tolerance = 1e-5 if dtype == torch.float32 else 3e-2
     assert (fast.last_hidden_state[real].float() - plain.last_hidden_state[real].float()).abs().max() < tolerance
+    with torch.inference_mode():  # a sum written over is never a state the caller is handed
+        states = encoder(ids, mask, output_hidden_states=True, route=route_for(encoder, mask)).hidden_states
+        plain_states = encoder(ids, mask, output_hidden_states=True, route=Route(mask.bool())).hidden_states
+    assert len(states) == 3
+    for state, expected in zip(states, plain_states):
+        assert (state[real].float() - expected[real].float()).abs().max() < tolerance
     calls.clear()
     encoder.train()
     encoder(ids, mask).last_hidden_state.float().sum().backward()
