@@ -451,6 +451,25 @@ def test_layer_norm_is_the_exact_one_within_fp32_rounding(dtype, width, rows, th
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_of_extreme_rows_is_exact_or_nan_row_by_row(dtype):
+    """A row of one huge value is its bias, exactly (x - mean is 0; PyTorch's form cancels to NaN);
+    a row whose variance overflows fp32, or holding NaN or inf, gives NaN (the encoder's finite
+    check then names it), and no other row of its block of 16 is touched."""
+    norm, x = _norm(64, dtype), _rows(20, 64, dtype)
+    x[2] = 1e30
+    x[5, ::2], x[5, 1::2] = 1e30, -1e30
+    x[7, 3], x[9, 0] = float("nan"), float("inf")
+    out = native.layer_norm(x, norm.weight, norm.bias, norm.eps)
+    assert torch.equal(out[2], norm.bias.detach())
+    assert out[[5, 7, 9]].isnan().all(1).all()
+    others = [r for r in range(20) if r not in (2, 5, 7, 9)]
+    expected = torch.nn.functional.layer_norm(x[others].double(), (64,), norm.weight.double(), norm.bias.double(),
+                                              norm.eps)
+    bound = 2e-6 * (1 + expected.abs()) + (2**-8 * expected.abs() if dtype == torch.bfloat16 else 0)
+    assert ((out[others].double() - expected).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_layer_norm_writes_over_its_input_when_asked(dtype):
     norm, x = _norm(64, dtype), _rows(40, 64, dtype).view(5, 8, 64)
     expected = native.layer_norm(x, norm.weight, norm.bias, norm.eps)

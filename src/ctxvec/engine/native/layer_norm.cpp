@@ -6,10 +6,12 @@
 // kernel: 110 µs in bf16). Here 16 rows
 // go together: their sums, then their squared deviations from the mean (two passes, the rows in
 // L1 after the first), accumulate side by side in 16 independent chains and are reduced all at
-// once (vec16.h's reduce_rows), then each row is written as PyTorch writes it,
-// (x · rstd + (-rstd · mean)) · γ + β, rounded to bf16 once for bf16. The same numbers as
-// PyTorch's within fp32 rounding (its Welford moments and these two passes differ in the last
-// bits; in bf16 that moves an output by one unit in the last place, rarely). The output may be
+// once (vec16.h's reduce_rows), then each row is written as (x - mean) · rstd · γ + β, rounded
+// to bf16 once for bf16. The same numbers as PyTorch's within fp32 rounding (its Welford moments
+// and these two passes differ in the last bits; in bf16 that moves an output by one unit in the
+// last place, rarely), but for rows whose mean is far larger than their spread: PyTorch writes
+// (x · rstd - rstd · mean) · γ + β, which cancels there (a row of 1e30s: NaN from PyTorch, 0 from
+// a fused multiply-add of that form, β, exactly, here). The output may be
 // the input itself: a row is written only after it is read (and its lines are then in cache, so
 // a sum that is not read again is normalised in place ~40% faster than into a new tensor).
 //
@@ -45,10 +47,11 @@ void norm_block(const T* x, int64_t ld_in, T* y, int64_t ld_out, const float* ga
     }
   const v16 variance = reduce_rows(acc, add_v) / float(D);
   for (int r = 0; r < n; ++r) {
-    const float rstd = 1.0f / std::sqrt(variance[r] + eps), shift = -rstd * mean[r];
+    // a variance past fp32's range gives NaN (the encoder's finite check names it), never a silent 0
+    const float m = mean[r], rstd = std::isfinite(variance[r]) ? 1.0f / std::sqrt(variance[r] + eps) : NAN;
     T* out = y + r * ld_out;
     for (int64_t j = 0; j < D; j += W)
-      store16((load16(row[r] + j) * rstd + shift) * load16(gamma + j) + load16(beta + j), out + j);
+      store16((load16(row[r] + j) - m) * rstd * load16(gamma + j) + load16(beta + j), out + j);
   }
 }
 
