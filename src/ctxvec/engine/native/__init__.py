@@ -248,7 +248,6 @@ def gelu_(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-
 def norm_fast() -> bool:
     """Whether the LayerNorm kernel is built with AVX-512 here (with AVX2 alone, PyTorch's is faster)."""
     lib = _library()
