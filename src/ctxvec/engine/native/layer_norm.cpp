@@ -3,17 +3,17 @@
 //
 // PyTorch's CPU LayerNorm takes a row at a time, and in bf16 it runs at about two thirds of the
 // speed of its fp32 (on an AMX Xeon, 1,440 rows of 384: 259 µs against 178, one thread; this
-// kernel: 110 µs in bf16). Here 16 rows
-// go together: their sums, then their squared deviations from the mean (two passes, the rows in
-// L1 after the first), accumulate side by side in 16 independent chains and are reduced all at
-// once (vec16.h's reduce_rows), then each row is written as (x - mean) · rstd · γ + β, rounded
-// to bf16 once for bf16. The same numbers as PyTorch's within fp32 rounding (its Welford moments
-// and these two passes differ in the last bits; in bf16 that moves an output by one unit in the
-// last place, rarely), but for rows whose mean is far larger than their spread: PyTorch writes
-// (x · rstd - rstd · mean) · γ + β, which cancels there (a row of 1e30s: NaN from PyTorch, 0 from
-// a fused multiply-add of that form, β, exactly, here). The output may be
-// the input itself: a row is written only after it is read (and its lines are then in cache, so
-// a sum that is not read again is normalised in place ~40% faster than into a new tensor).
+// kernel: 110 µs in bf16). Here 16 rows go together: their sums, then their squared deviations
+// from the mean (two passes, the rows in L1 after the first), accumulate side by side in 16
+// independent chains and are reduced all at once (vec16.h's reduce_rows), then each row is
+// written as (x - mean) · rstd · γ + β, rounded to bf16 once for bf16. The same numbers as
+// PyTorch's within fp32 rounding (its Welford moments and these two passes differ in the last
+// bits; in bf16 that moves an output by one unit in the last place, rarely), but for rows whose
+// mean is far larger than their spread: PyTorch writes (x · rstd - rstd · mean) · γ + β, which
+// cancels there (a row of 1e30s: NaN from PyTorch, 0 from a fused multiply-add of that form, β,
+// exactly, here). The output may be the input itself: a row is written only after it is read
+// (its lines are then in cache, so a sum that is not read again is normalised in place ~40%
+// faster than into a new tensor).
 //
 // Letters: R rows, D values a row (a multiple of 16), W = 16 rows a block.
 
@@ -78,9 +78,10 @@ int norm_rows(const T* x, int64_t ld_in, T* y, int64_t ld_out, const T* gamma, c
 
 extern "C" {
 
-// 1 where the library is built with AVX-512: the 16 rows' chains then fit in its 32 registers.
-// Built for AVX2 alone they spill, and PyTorch's LayerNorm is faster (480 rows of 384, one thread:
-// 100 against 56 us in fp32, 92 against 87 in bf16), so the engine keeps PyTorch's there.
+// 1 where the library is built with AVX-512. Built for AVX2 alone, GCC's code for the 16-lane
+// vectors is slow whatever the rows a block (1 to 16 measured), and PyTorch's LayerNorm is faster
+// (480 rows of 384, one thread: 100 against 56 us in fp32, 92 against 87 in bf16), so the engine
+// keeps PyTorch's there.
 int ctxvec_layer_norm_fast() {
 #if defined(__AVX512F__)
   return 1;
