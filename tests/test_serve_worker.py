@@ -248,3 +248,32 @@ def test_a_lone_request_of_many_texts_runs_in_every_stream(tiny, two_threads):
         assert len(events.batches) == 1
     finally:
         worker.stop()
+
+
+def test_beside_a_busy_stream_a_free_one_takes_a_full_batch_not_a_share(tiny, two_threads, monkeypatch):
+    """32 texts that arrive while the other stream computes go in one batch: a share left for the
+    busy stream would only wait (and, under load, make every batch smaller)."""
+    entered, release = threading.Event(), threading.Event()
+    compute = InferenceWorker._compute
+
+    def held(self, batch, threads):  # the first batch (the text "hold") keeps its stream busy
+        if batch[0].job.texts[batch[0].place] == "hold":
+            entered.set()
+            release.wait(60)
+        return compute(self, batch, threads)
+
+    monkeypatch.setattr(InferenceWorker, "_compute", held)
+    texts = [" ".join(["light", "darkness", "waters"] * (5 + i % 7)) for i in range(32)]
+    events = Recorder()
+    worker = InferenceWorker(tiny, batch_tokens=4096, max_queue_tokens=10**6, events=events, streams=2).start()
+    try:
+        holding = worker.submit("embed", ["hold"], tiny.tokenizer.tokenize(["hold"]))
+        assert entered.wait(60)
+        got = worker.submit("embed", texts, tiny.tokenizer.tokenize(texts)).future.result(timeout=60)
+        assert [b.texts for b in events.batches] == [32]  # alone, the same 32 texts make two batches
+        release.set()
+        holding.future.result(timeout=60)
+    finally:
+        release.set()
+        worker.stop()
+    assert np.abs(np.stack(got) - tiny.embed(texts)).max() < 1e-6

@@ -6,7 +6,8 @@ before every forward pass it takes in the jobs that arrived meanwhile (continuou
 request never waits for the batch at hand to finish before it can join the next one). Each batch
 is built around the oldest text in the pool: its neighbours in length, under the token budget, so
 that padding stays small and no text waits behind more than the texts older than it (where what
-waits would not give every stream a full batch, under one stream's share: ``share_tokens``). A job is
+waits would not give every idle stream a full batch, under one stream's share: ``share_tokens``;
+a stream that finds the others all busy takes a full batch, as no other could take the rest now). A job is
 answered, in its own order, as soon as its last text is done. The worker wakes as soon as a job
 arrives: a request never waits for a full batch when the worker is idle.
 
@@ -114,7 +115,8 @@ class WorkerEvents:
 def share_tokens(widths: Iterable[int], batch_tokens: int, streams: int) -> int:
     """The budget of the next batch, given the padded widths of the texts it may be chosen from
     (read only until they fill a batch for every stream):
-    ``batch_tokens``, unless they hold less than a full batch for each of the ``streams``; then
+    ``batch_tokens``, unless they hold less than a full batch for each of the ``streams`` (those
+    free to take one now); then
     each stream's share, a quarter over an equal one (a batch pads its texts to its longest, and
     a third batch for a remainder would run after the others), so that a lone request of many
     texts is computed by every stream at once: on 2 AMX Xeon cores in bf16, 32 texts in ~47 ms
@@ -357,12 +359,16 @@ class InferenceWorker:
         return dropped
 
     def _next_batch(self) -> list[Pending]:
-        """The oldest text of the pool, and its neighbours in length of the same kind, under the
-        budget; or, where what waits would not give every stream a full batch, under an equal
-        share of it (``share_tokens``)."""
+        """(With the lock held, before this stream counts as busy.) The oldest text of the pool,
+        and its neighbours in length of the same kind, under the budget; or, where what waits
+        would not give a full batch to this stream and each idle one, under an equal share of it
+        among them (``share_tokens``). Streams that are busy get no share: under load, a share
+        left for them would wait until they finish, and the batches would shrink (64 clients of
+        one text each, bf16, 2 AMX Xeon cores: 14.5 texts a batch against 17.4, and 6% fewer
+        sentences a second)."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
-        budget = share_tokens((p.width for p in same), self.batch_tokens, self.streams)
+        budget = share_tokens((p.width for p in same), self.batch_tokens, self.streams - self._busy)
         chosen = batch_around_oldest([p.width for p in same], 0, budget)  # same[0] is oldest
         return [same[i] for i in chosen]
 
