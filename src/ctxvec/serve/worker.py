@@ -359,13 +359,11 @@ class InferenceWorker:
         return dropped
 
     def _next_batch(self) -> list[Pending]:
-        """(With the lock held, before this stream counts as busy.) The oldest text of the pool,
-        and its neighbours in length of the same kind, under the budget; or, where what waits
-        would not give a full batch to this stream and each idle one, under an equal share of it
-        among them (``share_tokens``). Streams that are busy get no share: under load, a share
-        left for them would wait until they finish, and the batches would shrink (64 clients of
-        one text each, bf16, 2 AMX Xeon cores: 14.5 texts a batch against 17.4, and 6% fewer
-        sentences a second)."""
+        """(With the lock held, this stream not yet busy.) The oldest text of the pool and its
+        neighbours in length of the same kind, under the budget; or, where what waits would not
+        give this stream and each idle one a full batch, under their share (``share_tokens``).
+        A busy stream gets none: a share left for it would wait, and under load every batch
+        would shrink (64 clients of one text, bf16: 14.5 texts a batch against 17.4)."""
         oldest = self._pool[0]  # the pool stays in arrival order
         same = [p for p in self._pool[:POOL_WINDOW] if p.job.kind == oldest.job.kind]
         budget = share_tokens((p.width for p in same), self.batch_tokens, self.streams - self._busy)
